@@ -1,0 +1,239 @@
+"""The LightningDataModule every dataset shares: protocol split, transforms, samplers and loaders.
+
+A dataset subclass only implements `read_records()` (parse the official annotation files) and, if its images
+are not files, `load_image()`. Batches are dicts ``{"image", "label", "index"}``: ``index`` is the position in
+the evaluated set so that embeddings gathered from several DDP ranks can be de-duplicated and re-ordered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms import v2
+
+from datamodules.protocol import EvalSet, ProtocolSplit, build_protocol
+from datamodules.records import ImageRecord
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageReadError(OSError):
+    """An image file exists in the annotations but cannot be decoded."""
+
+
+def open_rgb(path: str | Path, bbox: Sequence[float] | None = None) -> Image.Image:
+    """Open any image as RGB (some benchmark files are grayscale or CMYK, or PNGs named .jpg), cropped to bbox."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageReadError(f"cannot read image {path}: {exc}. Re-extract the archive or remove the file.") from exc
+    if bbox is not None:
+        x1, y1, x2, y2 = (float(v) for v in bbox)
+        w, h = img.size
+        x1, y1 = max(0.0, min(x1, w - 1)), max(0.0, min(y1, h - 1))
+        x2, y2 = max(x1 + 1, min(x2, w)), max(y1 + 1, min(y2, h))
+        img = img.crop((int(x1), int(y1), int(round(x2)), int(round(y2))))
+    return img
+
+
+class RecordDataset(Dataset):
+    """Images `ids` of a datamodule, with labels already mapped (train: 0..C-1; eval: original ids)."""
+
+    def __init__(self, datamodule: RetrievalDataModule, ids: np.ndarray, labels: np.ndarray, transform) -> None:
+        self.dm, self.ids, self.labels, self.transform = datamodule, ids, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        image = self.dm.load_image(int(self.ids[i]))
+        return {"image": self.transform(image), "label": int(self.labels[i]), "index": i}
+
+
+class MaxPerClassSampler(Sampler[int]):
+    """Each epoch, a fresh random subset of at most `max_per_class` images of every class, shuffled.
+
+    Caps the influence of huge classes (the AREIR recipe draws <= 300 images per class per epoch); the draw
+    changes with `set_epoch` so that every image is seen over the run. Deterministic given seed and epoch.
+    """
+
+    def __init__(self, labels: np.ndarray, max_per_class: int, seed: int = 0) -> None:
+        self.labels, self.max_per_class, self.seed, self.epoch = np.asarray(labels), max_per_class, seed, 0
+        self._by_class = [np.flatnonzero(self.labels == c) for c in np.unique(self.labels)]
+        self._length = sum(min(len(m), max_per_class) for m in self._by_class)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __iter__(self):
+        rng = np.random.default_rng((self.seed, self.epoch))
+        chosen = [rng.permutation(m)[: self.max_per_class] for m in self._by_class]
+        yield from rng.permutation(np.concatenate(chosen)).tolist()
+
+
+class RetrievalDataModule(L.LightningDataModule):
+    """Base for all datasets. Subclasses set `name`, `zero_shot_split`, `url`, and implement `read_records`."""
+
+    name = "base"
+    zero_shot_split = "class_halves"  # or "official"
+    url = ""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        data_dir: str = "data",
+        protocol: str = "zero_shot",
+        image_size: int = 224,
+        resize_size: int | None = None,
+        crop: bool = False,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        max_per_class: int | None = None,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root) if root else Path(data_dir) / self.name
+        self.protocol, self.image_size, self.crop = protocol, image_size, crop
+        self.resize_size = resize_size or image_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.max_per_class, self.val_fraction, self.seed = max_per_class, val_fraction, seed
+        self.records: list[ImageRecord] = []
+        self.split: ProtocolSplit | None = None
+
+    # ---- what a dataset implements -------------------------------------------------------------------
+    def read_records(self) -> list[ImageRecord]:
+        raise NotImplementedError
+
+    def load_image(self, record_id: int) -> Image.Image:
+        record = self.records[record_id]
+        return open_rgb(record.path, record.bbox if self.crop else None)
+
+    # ---- shared machinery -----------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if self.split is not None:
+            return
+        self.records = self.read_records()
+        if self.crop and not any(r.bbox is not None for r in self.records):
+            raise ValueError(f"dataset.crop=true but {self.name} has no bounding boxes; set dataset.crop=false")
+        self.split = build_protocol(
+            self.records,
+            self.protocol,
+            zero_shot_split=self.zero_shot_split,
+            val_fraction=self.val_fraction,
+            seed=self.seed,
+        )
+
+    @property
+    def num_classes(self) -> int:
+        """Number of training classes (the classifier size of models trained on this split)."""
+        self._require_setup()
+        return len(self.split.train_classes)
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        """Contiguous training labels (0..num_classes-1) aligned with `split.train_ids`."""
+        self._require_setup()
+        raw = np.array([self.records[i].label for i in self.split.train_ids], dtype=np.int64)
+        return np.searchsorted(self.split.train_classes, raw)
+
+    def eval_set(self, stage: str) -> EvalSet:
+        """The evaluated set behind `val_dataloader` ("val") or `test_dataloader` ("test")."""
+        self._require_setup()
+        return self.split.val if stage == "val" else self.split.test
+
+    def train_transform(self):
+        return v2.Compose(
+            [
+                v2.PILToTensor(),
+                v2.Resize((self.resize_size, self.resize_size), antialias=True),
+                v2.RandomCrop(self.image_size) if self.resize_size != self.image_size else v2.Identity(),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def eval_transform(self):
+        return v2.Compose(
+            [
+                v2.PILToTensor(),
+                v2.Resize((self.resize_size, self.resize_size), antialias=True),
+                v2.CenterCrop(self.image_size),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(self.mean, self.std),
+            ]
+        )
+
+    def train_dataset(self, transform=None) -> RecordDataset:
+        self._require_setup()
+        return RecordDataset(self, self.split.train_ids, self.train_labels, transform or self.train_transform())
+
+    def eval_dataset(self, stage: str) -> RecordDataset:
+        s = self.eval_set(stage)
+        return RecordDataset(self, s.record_ids, s.labels, self.eval_transform())
+
+    def train_dataloader(self) -> DataLoader:
+        dataset = self.train_dataset()
+        sampler = (
+            MaxPerClassSampler(dataset.labels, self.max_per_class, self.seed) if self.max_per_class else None
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=sampler is None,
+            sampler=sampler,
+            drop_last=len(dataset) > self.batch_size,
+            **self._loader_kwargs(),
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _eval_loader(self, stage: str) -> DataLoader:
+        return DataLoader(self.eval_dataset(stage), batch_size=self.eval_batch_size, shuffle=False,
+                          **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict:
+        return {
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+
+    def _require_setup(self) -> None:
+        if self.split is None:
+            self.setup()
+
+    def describe(self) -> dict:
+        """What a result must record to be comparable: dataset, protocol, split sizes."""
+        self._require_setup()
+        return {
+            "dataset": self.name,
+            "protocol": self.protocol,
+            "train_images": int(len(self.split.train_ids)),
+            "train_classes": self.num_classes,
+            "test_queries": int(self.split.test.query_mask.sum()),
+            "test_gallery": int(self.split.test.gallery_mask.sum()),
+            "val_is_test": self.split.val_is_test,
+        }

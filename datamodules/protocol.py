@@ -1,0 +1,166 @@
+"""Evaluation protocols: which images train the model and which ones are queries and gallery.
+
+Two protocols are supported and every result records which one produced it:
+
+* ``zero_shot`` -- the deep-metric-learning standard. Training classes and test classes are disjoint: the first
+  half of the class ids (in id order) trains and the second half tests for CUB/CARS/the embedded set; SOP uses its
+  train/test files and In-shop its train vs query/gallery partition. Retrieval is all-vs-all inside the test set
+  with the query itself excluded by index (In-shop: query -> gallery).
+* ``closed_set`` -- the IRGen paper's. All classes are seen in training: the database (gallery) is the official
+  train split and the queries are the official test split (In-shop: query -> gallery).
+
+Model selection must not look at the test set, so `build_protocol` can also carve a validation set out of the
+training data (``val_fraction``): held-out classes for zero-shot, held-out images of every class for closed-set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from datamodules.records import ImageRecord
+
+PROTOCOLS = ("zero_shot", "closed_set")
+
+
+@dataclass
+class EvalSet:
+    """Images evaluated together: each is a query, a gallery item, or both (all-vs-all, self excluded by index)."""
+
+    name: str
+    record_ids: np.ndarray  # int64 [N], positions in the dataset's record list
+    labels: np.ndarray  # int64 [N], original class ids
+    query_mask: np.ndarray  # bool [N]
+    gallery_mask: np.ndarray  # bool [N]
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+    @property
+    def query_positions(self) -> np.ndarray:
+        return np.flatnonzero(self.query_mask)
+
+    @property
+    def gallery_positions(self) -> np.ndarray:
+        return np.flatnonzero(self.gallery_mask)
+
+    def self_exclusion(self) -> np.ndarray:
+        """For each query, the gallery-row index of the same image (-1 when it is not in the gallery)."""
+        gallery_row = np.full(len(self), -1, dtype=np.int64)
+        gallery_row[self.gallery_positions] = np.arange(int(self.gallery_mask.sum()))
+        return gallery_row[self.query_positions]
+
+
+@dataclass
+class ProtocolSplit:
+    protocol: str
+    train_ids: np.ndarray  # record ids used for training
+    train_classes: np.ndarray  # sorted original class ids of train_ids; model label = position in this array
+    val: EvalSet
+    test: EvalSet
+    val_is_test: bool  # True when no validation split was carved (validation then reports test metrics)
+
+
+def _eval_set(name: str, records: Sequence[ImageRecord], query_ids, gallery_ids) -> EvalSet:
+    query_ids = np.asarray(query_ids, dtype=np.int64)
+    gallery_ids = np.asarray(gallery_ids, dtype=np.int64)
+    ids = np.union1d(query_ids, gallery_ids)
+    return EvalSet(
+        name=name,
+        record_ids=ids,
+        labels=np.array([records[i].label for i in ids], dtype=np.int64),
+        query_mask=np.isin(ids, query_ids),
+        gallery_mask=np.isin(ids, gallery_ids),
+    )
+
+
+def first_half_classes(labels: np.ndarray) -> np.ndarray:
+    """The zero-shot training classes of CUB/CARS-style datasets: the first half of the class ids in id order."""
+    classes = np.unique(labels)
+    return classes[: len(classes) // 2]
+
+
+def build_protocol(
+    records: Sequence[ImageRecord],
+    protocol: str,
+    *,
+    zero_shot_split: str,
+    val_fraction: float = 0.0,
+    seed: int = 0,
+) -> ProtocolSplit:
+    """Split records for `protocol`.
+
+    zero_shot_split: ``"class_halves"`` (CUB, CARS, embedded: first half of class ids trains) or ``"official"``
+    (SOP, In-shop: the official files already separate the classes).
+    """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    labels = np.array([r.label for r in records], dtype=np.int64)
+    splits = np.array([r.split for r in records])
+    all_ids = np.arange(len(records))
+    has_query_gallery = bool(np.isin(splits, ["query", "gallery"]).any())
+
+    if has_query_gallery:  # In-shop: both protocols retrieve query -> gallery and train on "train"
+        train_ids = all_ids[splits == "train"]
+        test = _eval_set("test", records, all_ids[splits == "query"], all_ids[splits == "gallery"])
+    elif protocol == "zero_shot":
+        if zero_shot_split == "class_halves":
+            train_mask = np.isin(labels, first_half_classes(labels))
+        elif zero_shot_split == "official":
+            train_mask = splits == "train"
+        else:
+            raise ValueError(f"zero_shot_split must be 'class_halves' or 'official', got {zero_shot_split!r}")
+        train_ids, test_ids = all_ids[train_mask], all_ids[~train_mask]
+        test = _eval_set("test", records, test_ids, test_ids)
+    else:  # closed_set
+        train_ids, test_ids = all_ids[splits == "train"], all_ids[splits == "test"]
+        shared = np.intersect1d(labels[train_ids], labels[test_ids])
+        if len(shared) == 0:
+            raise ValueError(
+                "closed_set needs classes that appear in both the train and the test split, but this dataset's "
+                "official splits have disjoint classes (e.g. SOP). Use protocol=zero_shot for it."
+            )
+        test = _eval_set("test", records, test_ids, train_ids)
+
+    if len(train_ids) == 0 or len(test) == 0:
+        raise ValueError(f"protocol {protocol} left an empty train or test set ({len(train_ids)}/{len(test)} images)")
+
+    val, val_is_test = test, True
+    if val_fraction > 0:
+        train_ids, val = _carve_validation(records, labels, train_ids, protocol, val_fraction, seed)
+        val_is_test = False
+    return ProtocolSplit(
+        protocol=protocol,
+        train_ids=train_ids,
+        train_classes=np.unique(labels[train_ids]),
+        val=val,
+        test=test,
+        val_is_test=val_is_test,
+    )
+
+
+def _carve_validation(records, labels, train_ids, protocol, fraction, seed):
+    """Hold out classes (zero-shot) or per-class images (closed-set) from training for model selection."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels[train_ids])
+    if protocol == "zero_shot":
+        n_val = max(2, int(round(fraction * len(classes))))
+        if n_val >= len(classes):
+            raise ValueError(f"val_fraction={fraction} leaves no training classes out of {len(classes)}")
+        val_classes = rng.choice(classes, size=n_val, replace=False)
+        in_val = np.isin(labels[train_ids], val_classes)
+        val_ids = train_ids[in_val]
+        return train_ids[~in_val], _eval_set("val", records, val_ids, val_ids)
+    query_ids, keep_ids = [], []
+    for c in classes:
+        members = train_ids[labels[train_ids] == c]
+        n_query = int(round(fraction * len(members))) if len(members) > 1 else 0
+        chosen = rng.permutation(members)
+        query_ids.extend(chosen[:n_query])
+        keep_ids.extend(chosen[n_query:])
+    keep_ids = np.sort(np.asarray(keep_ids, dtype=np.int64))
+    return keep_ids, _eval_set("val", records, query_ids, keep_ids)
