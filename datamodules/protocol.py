@@ -46,6 +46,17 @@ class EvalSet:
     def gallery_positions(self) -> np.ndarray:
         return np.flatnonzero(self.gallery_mask)
 
+    def subset(self, positions: np.ndarray) -> EvalSet:
+        """The same set restricted to `positions` (e.g. when a debug run evaluates only a few batches)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        return EvalSet(
+            self.name,
+            self.record_ids[positions],
+            self.labels[positions],
+            self.query_mask[positions],
+            self.gallery_mask[positions],
+        )
+
     def self_exclusion(self) -> np.ndarray:
         """For each query, the gallery-row index of the same image (-1 when it is not in the gallery)."""
         gallery_row = np.full(len(self), -1, dtype=np.int64)

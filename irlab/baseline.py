@@ -1,0 +1,66 @@
+"""The reference row: a ResNet trunk, a linear embedding and a normalized-softmax (cosine classifier) loss.
+
+Normalized softmax (Zhai & Wu, 2019) is the strong, simple classification baseline of deep metric learning:
+embeddings and class weights are L2-normalized and the logits are their cosine divided by a temperature.
+IRGen and AREIR results are only meaningful next to this row, trained on the same split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from irlab.backbones import resnet_trunk
+from irlab.module import RetrievalModule
+
+
+class NormalizedSoftmaxLoss(nn.Module):
+    """Cross-entropy over cosine similarities to learnable class proxies, scaled by 1/temperature."""
+
+    def __init__(self, num_classes: int, dim: int, temperature: float = 0.05) -> None:
+        super().__init__()
+        self.proxies = nn.Parameter(torch.randn(num_classes, dim) / dim**0.5)
+        self.temperature = temperature
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = F.normalize(embeddings, dim=-1) @ F.normalize(self.proxies, dim=-1).T
+        return F.cross_entropy(logits / self.temperature, labels)
+
+
+class EmbeddingBaseline(RetrievalModule):
+    def __init__(
+        self,
+        num_classes: int,
+        arch: str = "resnet18",
+        pretrained: bool | str = False,
+        embedding_dim: int = 512,
+        temperature: float = 0.05,
+        lr: float = 1e-3,
+        trunk_lr_scale: float = 1.0,
+        weight_decay: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.trunk, width = resnet_trunk(arch, pretrained)
+        self.embedding = nn.Linear(width, embedding_dim)
+        self.loss = NormalizedSoftmaxLoss(num_classes, embedding_dim, temperature)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embedding(self.trunk(images))
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self.embed(batch["image"]), batch["label"])
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = [
+            {"params": self.trunk.parameters(), "lr": hp.lr * hp.trunk_lr_scale},
+            {"params": list(self.embedding.parameters()) + list(self.loss.parameters()), "lr": hp.lr},
+        ]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        max_epochs = max(1, self.trainer.max_epochs or 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

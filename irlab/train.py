@@ -1,0 +1,144 @@
+"""Runners behind `train.py` and `eval.py`: build everything from the config, fit, test, report.
+
+A runner is a function ``(cfg) -> dict[str, float]``; the config's ``runner`` key names it, so a method with
+several stages (IRGen) plugs in its own pipeline while plain models use `fit_and_test`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.base import RetrievalDataModule
+from irlab.reporting import print_metrics, write_metrics
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None, kind: type) -> list:
+    """Instantiate every `_target_` entry of a config group (callbacks, loggers); None means none."""
+    objects = []
+    for name, conf in (group or {}).items():
+        if not isinstance(conf, DictConfig) or "_target_" not in conf:
+            continue
+        obj = hydra.utils.instantiate(conf)
+        if not isinstance(obj, kind):
+            raise TypeError(f"{name}: expected a {kind.__name__}, got {type(obj).__name__}")
+        objects.append(obj)
+    return objects
+
+
+def build_datamodule(cfg: DictConfig) -> RetrievalDataModule:
+    datamodule = hydra.utils.instantiate(cfg.dataset)
+    datamodule.setup()
+    return datamodule
+
+
+def build_model(model_cfg: DictConfig, datamodule: RetrievalDataModule, **runtime) -> L.LightningModule:
+    """Instantiate the model, filling `num_classes: null` from the datamodule's training split."""
+    target = hydra.utils.get_class(model_cfg._target_)
+    params = inspect.signature(target.__init__).parameters
+    if "num_classes" in params and model_cfg.get("num_classes") is None:
+        runtime.setdefault("num_classes", datamodule.num_classes)
+    return hydra.utils.instantiate(model_cfg, **runtime)
+
+
+def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+    callbacks = instantiate_group(cfg.get("callbacks"), Callback)
+    loggers = instantiate_group(cfg.get("logger"), Logger)
+    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+
+
+def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig, model: L.LightningModule, dm) -> None:
+    """Send the resolved config, parameter counts and split description to every logger."""
+    if not trainer.loggers:
+        return
+    params = {
+        "cfg": OmegaConf.to_container(cfg, resolve=True),
+        "model/params_total": sum(p.numel() for p in model.parameters()),
+        "model/params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "data": dm.describe(),
+    }
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """``last`` means this run folder's checkpoints/last.ckpt; anything else must exist."""
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path == "last":
+        candidate = Path(output_dir) / "checkpoints" / "last.ckpt"
+        if not candidate.is_file():
+            raise FileNotFoundError(
+                f"ckpt_path=last but {candidate} does not exist. To resume, run again in the same folder "
+                f"(hydra.run.dir=<old run folder>) or pass ckpt_path=/path/to/last.ckpt"
+            )
+        return str(candidate)
+    if not Path(ckpt_path).is_file():
+        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
+    return str(ckpt_path)
+
+
+def fit_and_test(cfg: DictConfig) -> dict[str, float]:
+    """Train a model on the configured split, then evaluate the best checkpoint on the test split."""
+    L.seed_everything(cfg.seed, workers=True)
+    output_dir = Path(cfg.paths.output_dir)
+    datamodule = build_datamodule(cfg)
+    model = build_model(cfg.model, datamodule)
+    trainer = build_trainer(cfg)
+    log_hyperparameters(trainer, cfg, model, datamodule)
+    log.info(f"data: {datamodule.describe()}")
+    if datamodule.split.val_is_test:
+        log.warning("no validation split (dataset.val_fraction=0): validation reports the TEST set, so "
+                    "checkpoint selection sees test labels. Set dataset.val_fraction for honest model selection.")
+
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            log.info(f"testing best checkpoint {best}")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+
+    if trainer.is_global_zero:
+        write_metrics(output_dir / "metrics.json", metrics, datamodule.describe())
+        print_metrics(metrics, title=f"{cfg.task_name}: {datamodule.name} / {datamodule.protocol}")
+    return metrics
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """Load a trained checkpoint (weights only, no pickle) and evaluate it on the configured split."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+    model = build_model(cfg.model, datamodule)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["state_dict"])
+    trainer = build_trainer(cfg)
+    stage = cfg.get("split", "test")
+    if stage == "val":
+        trainer.validate(model, datamodule=datamodule)
+    else:
+        trainer.test(model, datamodule=datamodule)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+    if trainer.is_global_zero:
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, datamodule.describe())
+        print_metrics(metrics, title=f"eval {Path(ckpt).name}: {datamodule.name} / {datamodule.protocol}")
+    return metrics
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Dispatch to the runner named by ``cfg.runner``."""
+    runner = hydra.utils.get_method(cfg.runner)
+    return runner(cfg)

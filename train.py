@@ -1,0 +1,19 @@
+"""Train a retrieval model: `python train.py [experiment=...] [key=value ...]` (Hydra; `-m` for sweeps)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from irlab.train import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = run(cfg)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()
