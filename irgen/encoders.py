@@ -1,0 +1,103 @@
+"""Image encoders shared by both IRGen stages: images -> a sequence of tokens whose first is a global feature.
+
+The tokenizer quantizes the global (class-token) feature; the generator's decoder cross-attends to all tokens.
+Three families: torchvision ``vit_b_16`` (the paper's size), a ``vit_tiny`` built from the same torchvision
+class for small images and tests, and ResNets (feature-map cells as tokens, their mean prepended as the global
+token). Pretrained weights only ever come from torchvision (explicit ``pretrained=true``) or a local file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchvision.models.vision_transformer import VisionTransformer
+
+from irlab.backbones import RESNETS, build_torchvision, load_local_state_dict
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    patch_size: int
+    num_layers: int
+    num_heads: int
+    hidden_dim: int
+    mlp_dim: int
+
+
+VIT_SPECS = {
+    "vit_b_16": ViTSpec(16, 12, 12, 768, 3072),
+    "vit_s_16": ViTSpec(16, 12, 6, 384, 1536),
+    "vit_tiny": ViTSpec(8, 4, 4, 128, 256),  # for 32-64 px images: a few seconds per epoch on CPU
+}
+
+
+class ImageEncoder(nn.Module):
+    """Common interface: ``forward(images [B,3,H,W]) -> tokens [B, T, dim]``; ``tokens[:, 0]`` is global."""
+
+    dim: int
+
+    def global_feature(self, images: torch.Tensor) -> torch.Tensor:
+        return self(images)[:, 0]
+
+
+class ViTEncoder(ImageEncoder):
+    def __init__(self, arch: str = "vit_tiny", image_size: int = 224, pretrained: bool | str = False) -> None:
+        super().__init__()
+        if arch not in VIT_SPECS:
+            raise ValueError(f"unknown ViT {arch!r}; choose one of {sorted(VIT_SPECS)}")
+        spec = VIT_SPECS[arch]
+        if image_size % spec.patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of {arch}'s patch size {spec.patch_size}")
+        if pretrained and arch == "vit_b_16" and image_size == 224 and not isinstance(pretrained, str):
+            self.vit = build_torchvision("vit_b_16", True)
+        else:
+            self.vit = VisionTransformer(image_size, spec.patch_size, spec.num_layers, spec.num_heads,
+                                         spec.hidden_dim, spec.mlp_dim)
+            if isinstance(pretrained, str) and pretrained not in ("true", "false"):
+                load_vit_weights(self.vit, pretrained)
+            elif pretrained and pretrained != "false":
+                raise ValueError(f"torchvision has pretrained weights only for vit_b_16 at 224 px, not {arch} at "
+                                 f"{image_size} px; pass a local file path instead")
+        self.vit.heads = nn.Identity()
+        self.dim = spec.hidden_dim
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.vit._process_input(images)
+        cls = self.vit.class_token.expand(x.shape[0], -1, -1)
+        return self.vit.encoder(torch.cat([cls, x], dim=1))
+
+
+def load_vit_weights(vit: VisionTransformer, path: str) -> None:
+    """Load a torchvision-format ViT state dict from a local file (tensors only, strict on the encoder)."""
+    state = load_local_state_dict(path)
+    state = {k.removeprefix("vit."): v for k, v in state.items() if not k.startswith("heads")}
+    missing, _ = vit.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("heads")]
+    if missing:
+        raise ValueError(f"{path} does not fit this ViT: {len(missing)} missing tensors, e.g. {missing[:3]}")
+
+
+class ResNetEncoder(ImageEncoder):
+    """ResNet feature map as tokens: [global mean token, cell tokens...]."""
+
+    def __init__(self, arch: str = "resnet18", pretrained: bool | str = False) -> None:
+        super().__init__()
+        if arch not in RESNETS:
+            raise ValueError(f"unknown ResNet {arch!r}; choose one of {RESNETS}")
+        model = build_torchvision(arch, pretrained)
+        self.dim = model.fc.in_features
+        self.body = nn.Sequential(*list(model.children())[:-2])
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        cells = self.body(images).flatten(2).transpose(1, 2)  # [B, h*w, C]
+        return torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1)
+
+
+def build_encoder(arch: str = "vit_tiny", image_size: int = 224, pretrained: bool | str = False) -> ImageEncoder:
+    if arch in VIT_SPECS:
+        return ViTEncoder(arch, image_size, pretrained)
+    if arch in RESNETS:
+        return ResNetEncoder(arch, pretrained)
+    raise ValueError(f"unknown encoder {arch!r}; choose one of {sorted(VIT_SPECS) + list(RESNETS)}")
