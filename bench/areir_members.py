@@ -25,7 +25,8 @@ def step(model: AREIRNet, images: torch.Tensor, labels: torch.Tensor, bf16: bool
     autocast = torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with autocast:
         logits = model(images)
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.repeat_interleave(logits.shape[1]))
+        targets = labels.repeat_interleave(logits.shape[1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets)
     loss.backward()
     return logits.detach().float()
 
