@@ -187,8 +187,9 @@ def _check_resumable(tok_dir: Path, expected: dict[str, Any], hint: str) -> None
         if found != json.loads(json.dumps(expected, sort_keys=True)):
             raise StaleArtifactError(f"{tok_dir} holds an interrupted tokenizer run with another dataset or config "
                                      f"({signature}); it cannot be resumed. Rebuild: {hint}")
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    signature.write_text(json.dumps(expected, indent=2, sort_keys=True))
+    if rank_zero_only.rank == 0:
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        signature.write_text(json.dumps(expected, indent=2, sort_keys=True))
 
 
 def write_stats(path: Path, stats: dict[str, float], meta: dict[str, Any]) -> Path:
