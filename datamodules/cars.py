@@ -59,7 +59,7 @@ def load_mat_structs(path: Path, variable: str, fields: tuple[str, ...]) -> list
         raise AnnotationError(
             path, None, f"unsupported .mat version ({exc}); re-download the original file"
         ) from exc
-    except (ValueError, OSError, TypeError) as exc:
+    except Exception as exc:  # scipy raises ValueError, IndexError, TypeError... on a damaged file
         raise AnnotationError(path, None, f"cannot read the .mat file: {exc}") from exc
     if variable not in mat:
         found = sorted(k for k in mat if not k.startswith("__"))
