@@ -106,9 +106,9 @@ class CarsDataModule(RetrievalDataModule):
     name = "car"
     zero_shot_split = "class_halves"
     url = (
-        "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (if offline, the Kaggle mirror "
-        "https://www.kaggle.com/datasets/jessicali9530/stanford-cars-dataset "
-        "plus cars_test_annos_withlabels.mat)"
+        "https://ai.stanford.edu/~jkrause/cars/car_dataset.html (if offline, a Kaggle mirror such as "
+        "https://www.kaggle.com/datasets/jessicali9530/stanford-cars-dataset, completed with the devkit's "
+        "cars_train_annos.mat and cars_test_annos_withlabels.mat)"
     )
 
     def read_records(self) -> list[ImageRecord]:
