@@ -29,17 +29,15 @@ class ImageReadError(OSError):
 
 
 def open_rgb(path: str | Path, bbox: Sequence[float] | None = None) -> Image.Image:
-    """Open any image as RGB (benchmarks hold grayscale, CMYK, PNGs named .jpg), cropped to bbox.
+    """Open any image as RGB (some benchmark files are grayscale or CMYK, or PNGs named .jpg), cropped to bbox.
 
-    A box reaching outside the image is clamped to it (at least 1 px kept), so readers store boxes as given.
+    A box reaching outside the image is clamped to it (keeping at least 1 px), so readers store boxes as given.
     """
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageReadError(
-            f"cannot read image {path}: {exc}. Re-extract the archive or remove the file."
-        ) from exc
+        raise ImageReadError(f"cannot read image {path}: {exc}. Re-extract the archive or remove the file.") from exc
     if bbox is not None:
         x1, y1, x2, y2 = (float(v) for v in bbox)
         w, h = img.size
@@ -52,9 +50,7 @@ def open_rgb(path: str | Path, bbox: Sequence[float] | None = None) -> Image.Ima
 class RecordDataset(Dataset):
     """Images `ids` of a datamodule, with labels already mapped (train: 0..C-1; eval: original ids)."""
 
-    def __init__(
-        self, datamodule: RetrievalDataModule, ids: np.ndarray, labels: np.ndarray, transform
-    ) -> None:
+    def __init__(self, datamodule: RetrievalDataModule, ids: np.ndarray, labels: np.ndarray, transform) -> None:
         self.dm, self.ids, self.labels, self.transform = datamodule, ids, labels, transform
 
     def __len__(self) -> int:
@@ -90,7 +86,7 @@ class MaxPerClassSampler(Sampler[int]):
 
 
 class RetrievalDataModule(L.LightningDataModule):
-    """Base for all datasets. Subclasses set `name`, `zero_shot_split`, `url`; implement `read_records`."""
+    """Base for all datasets. Subclasses set `name`, `zero_shot_split`, `url`, and implement `read_records`."""
 
     name = "base"
     zero_shot_split = "class_halves"  # or "official"
@@ -139,9 +135,7 @@ class RetrievalDataModule(L.LightningDataModule):
             return
         self.records = self.read_records()
         if self.crop and not any(r.bbox is not None for r in self.records):
-            raise ValueError(
-                f"dataset.crop=true but {self.name} has no bounding boxes; set dataset.crop=false"
-            )
+            raise ValueError(f"dataset.crop=true but {self.name} has no bounding boxes; set dataset.crop=false")
         self.split = build_protocol(
             self.records,
             self.protocol,
@@ -193,8 +187,7 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def train_dataset(self, transform=None) -> RecordDataset:
         self._require_setup()
-        transform = transform or self.train_transform()
-        return RecordDataset(self, self.split.train_ids, self.train_labels, transform)
+        return RecordDataset(self, self.split.train_ids, self.train_labels, transform or self.train_transform())
 
     def eval_dataset(self, stage: str) -> RecordDataset:
         s = self.eval_set(stage)

@@ -2,16 +2,15 @@
 
 Two protocols are supported and every result records which one produced it:
 
-* ``zero_shot`` -- the deep-metric-learning standard. Training classes and test classes are disjoint: the
-  first half of the class ids (in id order) trains and the second half tests for CUB/CARS/the embedded set;
-  SOP uses its train/test files and In-shop its train vs query/gallery partition. Retrieval is all-vs-all
-  inside the test set with the query itself excluded by index (In-shop: query -> gallery).
-* ``closed_set`` -- the IRGen paper's. All classes are seen in training: the database (gallery) is the
-  official train split and the queries are the official test split (In-shop: query -> gallery).
+* ``zero_shot`` -- the deep-metric-learning standard. Training classes and test classes are disjoint: the first
+  half of the class ids (in id order) trains and the second half tests for CUB/CARS/the embedded set; SOP uses its
+  train/test files and In-shop its train vs query/gallery partition. Retrieval is all-vs-all inside the test set
+  with the query itself excluded by index (In-shop: query -> gallery).
+* ``closed_set`` -- the IRGen paper's. All classes are seen in training: the database (gallery) is the official
+  train split and the queries are the official test split (In-shop: query -> gallery).
 
 Model selection must not look at the test set, so `build_protocol` can also carve a validation set out of the
-training data (``val_fraction``): held-out classes for zero-shot, held-out images of every class for
-closed-set.
+training data (``val_fraction``): held-out classes for zero-shot, held-out images of every class for closed-set.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ PROTOCOLS = ("zero_shot", "closed_set")
 
 @dataclass
 class EvalSet:
-    """Images evaluated together: each is a query, a gallery item, or both (all-vs-all, self excluded)."""
+    """Images evaluated together: each is a query, a gallery item, or both (all-vs-all, self excluded by index)."""
 
     name: str
     record_ids: np.ndarray  # int64 [N], positions in the dataset's record list
@@ -89,7 +88,7 @@ def _eval_set(name: str, records: Sequence[ImageRecord], query_ids, gallery_ids)
 
 
 def first_half_classes(labels: np.ndarray) -> np.ndarray:
-    """Zero-shot training classes of CUB/CARS-style datasets: the first half of the class ids in id order."""
+    """The zero-shot training classes of CUB/CARS-style datasets: the first half of the class ids in id order."""
     classes = np.unique(labels)
     return classes[: len(classes) // 2]
 
@@ -104,8 +103,8 @@ def build_protocol(
 ) -> ProtocolSplit:
     """Split records for `protocol`.
 
-    zero_shot_split: ``"class_halves"`` (CUB, CARS, embedded: first half of class ids trains) or
-    ``"official"`` (SOP, In-shop: the official files already separate the classes).
+    zero_shot_split: ``"class_halves"`` (CUB, CARS, embedded: first half of class ids trains) or ``"official"``
+    (SOP, In-shop: the official files already separate the classes).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
@@ -131,15 +130,13 @@ def build_protocol(
         shared = np.intersect1d(labels[train_ids], labels[test_ids])
         if len(shared) == 0:
             raise ValueError(
-                "closed_set needs classes that appear in both the train and the test split, but this "
-                "dataset's official splits have disjoint classes (e.g. SOP). Use protocol=zero_shot for it."
+                "closed_set needs classes that appear in both the train and the test split, but this dataset's "
+                "official splits have disjoint classes (e.g. SOP). Use protocol=zero_shot for it."
             )
         test = _eval_set("test", records, test_ids, train_ids)
 
     if len(train_ids) == 0 or len(test) == 0:
-        raise ValueError(
-            f"protocol {protocol} left an empty train or test set ({len(train_ids)}/{len(test)} images)"
-        )
+        raise ValueError(f"protocol {protocol} left an empty train or test set ({len(train_ids)}/{len(test)} images)")
 
     val, val_is_test = test, True
     if val_fraction > 0:
