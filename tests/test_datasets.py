@@ -10,7 +10,6 @@ import pytest
 import scipy.io
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
 from PIL import Image
 
 from datamodules import (
@@ -36,8 +35,8 @@ from tests.fixtures.fake_datasets import (
     make_fake_inshop,
     make_fake_sop,
 )
+from tests.helpers import compose_config
 
-CONF = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 SMALL = {"image_size": 32, "batch_size": 4, "eval_batch_size": 8, "num_workers": 0}
 
 
@@ -122,18 +121,17 @@ def test_default_root_is_data_dir_slash_name(fake_data_dir):
 
 
 @pytest.mark.parametrize("name", ["cub", "car", "sop", "isc"])
-def test_hydra_config_instantiates(fake_data_dir, name):
-    cfg = OmegaConf.create(
-        {
-            "paths": {"data_dir": str(fake_data_dir)},
-            "protocol": {"name": "zero_shot"},
-            "seed": 3,
-            "dataset": OmegaConf.load(CONF / f"{name}.yaml"),
-        }
-    )
-    cfg.dataset.image_size, cfg.dataset.resize_size, cfg.dataset.num_workers = 32, 36, 0
+def test_hydra_config_composes_and_instantiates(fake_data_dir, tmp_path, name):
+    overrides = [f"dataset={name}", f"paths.data_dir={fake_data_dir}", "seed=3", "protocol=closed_set",
+                 "dataset.image_size=32", "dataset.resize_size=36", "dataset.num_workers=0"]  # fmt: skip
+    cfg = compose_config(overrides, output_dir=tmp_path)
     dm = instantiate(cfg.dataset)
-    assert dm.name == name and dm.seed == 3 and dm.crop is False
+    assert dm.name == name and dm.seed == 3 and dm.crop is False and dm.protocol == "closed_set"
+    assert dm.root == fake_data_dir / name
+    if name == "sop":  # SOP's official splits have disjoint classes: closed-set is refused, zero-shot works
+        with pytest.raises(ValueError, match="closed_set"):
+            dm.setup()
+        dm.protocol = "zero_shot"
     dm.setup()
     assert len(dm.records) == 12
 
