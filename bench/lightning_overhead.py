@@ -1,7 +1,7 @@
 """Lightning overhead: training images/s of a LightningModule under `Trainer.fit` vs a plain PyTorch loop.
 
-Both run the same model (`training_step`), the same optimizer and the same batches, one after the other in
-one process (plain loop: AdamW without a scheduler), so the ratio isolates what the Trainer adds (hooks, logging, progress bar, checkpoint callbacks).
+Both run the same model (`training_step`) and the same batches, one after the other in one process (plain
+loop: AdamW without a scheduler), so the ratio isolates what the Trainer adds (hooks, logging, progress bar).
 
     python bench/lightning_overhead.py                       # baseline on the embedded digits, CPU
     python bench/lightning_overhead.py --model areir --steps 30
@@ -86,7 +86,8 @@ def main() -> None:
     dm = DigitsDataModule(batch_size=args.batch_size)
     dm.setup()
     results = {}
-    for name, fn in (("plain PyTorch loop", plain_images_per_second), ("Lightning Trainer.fit", lightning_images_per_second)):
+    runners = (("plain PyTorch loop", plain_images_per_second), ("Lightning Trainer.fit", lightning_images_per_second))
+    for name, fn in runners:
         L.seed_everything(0, verbose=False)
         # the plain loop has no trainer: silence self.log() calls that only a Trainer can record
         model = build_model(args.model, dm.num_classes)
