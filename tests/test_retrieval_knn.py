@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from irlab.retrieval import knn as knn_mod
+import irlab.retrieval.knn as knn_mod
 from irlab.retrieval import knn_search
 from irlab.retrieval.knn import topk_exact
 
@@ -42,7 +42,9 @@ def check(q, g, k, exclude=None, **kw):
     return s, i
 
 
-@pytest.mark.parametrize("levels,scale", [(1, 1.0), (2, 0.5), (64, 1 / 64)], ids=["heavy-ties", "ties", "fine"])
+@pytest.mark.parametrize(
+    "levels,scale", [(1, 1.0), (2, 0.5), (64, 1 / 64)], ids=["heavy-ties", "ties", "fine"]
+)
 @pytest.mark.parametrize("chunk_size", [1, 7, 2048])
 def test_matches_reference_with_ties_duplicates_and_exclusion(levels, scale, chunk_size):
     rng = np.random.default_rng(levels)

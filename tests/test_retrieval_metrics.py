@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from irlab.retrieval import evaluate as evaluate_mod
+import irlab.retrieval.evaluate as evaluate_mod
 from irlab.retrieval import (
     average_precision_full,
     count_relevant,
@@ -41,7 +41,8 @@ def ref_full_rankings(q, g, exclude):
 def ref_counts(q_labels, g_labels, exclude):
     out = []
     for i, lab in enumerate(q_labels):
-        out.append(sum(1 for j, gl in enumerate(g_labels) if gl == lab and (exclude is None or j != exclude[i])))
+        kept = [j for j in range(len(g_labels)) if exclude is None or j != exclude[i]]
+        out.append(sum(1 for j in kept if g_labels[j] == lab))
     return out
 
 
