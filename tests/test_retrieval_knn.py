@@ -96,15 +96,19 @@ def test_all_scores_equal_forces_index_order():
     assert i.tolist() == [[0, 1, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5], [1, 2, 3, 4, 5, 6]]
 
 
-def test_topk_exact_blocks(monkeypatch):
+@pytest.mark.parametrize("n_cols", [30, 1000], ids=["partition", "group-bound"])
+def test_topk_exact_blocks(monkeypatch, n_cols):
     monkeypatch.setattr(knn_mod, "_TOPK_BLOCK_ROWS", 4)
     rng = np.random.default_rng(1)
-    scores = rng.integers(-2, 3, size=(11, 30)).astype(np.float32)
+    scores = rng.integers(-2, 3, size=(11, n_cols)).astype(np.float32)  # heavy ties
     scores[3, 7] = -np.inf
+    scores[4] = rng.integers(-500, 500, n_cols) / 64  # few ties
+    scores[5] = 0.0  # all tied: the group bound admits everything -> exact partition fallback
+    scores[6, -5:] = 9.0  # the winners sit in the last, partial 64-column group
     for k in (1, 4, 29, 30):
         vals, idx = topk_exact(scores, k)
         for r in range(11):
-            order = sorted(range(30), key=lambda j, r=r: (-scores[r, j], j))[:k]
+            order = sorted(range(n_cols), key=lambda j, r=r: (-scores[r, j], j))[:k]
             assert idx[r].tolist() == order
             np.testing.assert_array_equal(vals[r], scores[r, order])
 

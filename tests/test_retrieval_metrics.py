@@ -164,13 +164,14 @@ def test_hand_computed_embeddings_with_ties_and_self_exclusion():
 # ---------------------------------------------------------------------------------------------------------
 # Random data vs the reference
 # ---------------------------------------------------------------------------------------------------------
-def _random_case(seed, coarse, same_set):
+def _random_case(seed, coarse, same_set, n_g=40):
     rng = np.random.default_rng(seed)
-    n_g, d = 40, 4
+    d = 4
     g = grid_data(rng, n_g, d, levels=1 if coarse else 64, scale=1.0 if coarse else 1 / 64)
     g[5] = g[3]  # exact duplicate embeddings
     g[17] = g[3]
-    g_labels = rng.integers(0, 9, n_g)
+    n_labels = max(9, n_g // 4)
+    g_labels = rng.integers(0, n_labels, n_g)
     if same_set:
         q, q_labels = g, g_labels
         exclude = np.arange(n_g)
@@ -178,7 +179,7 @@ def _random_case(seed, coarse, same_set):
     else:
         q = grid_data(rng, 25, d, levels=1 if coarse else 64, scale=1.0 if coarse else 1 / 64)
         q[0] = g[3]  # query duplicated three times in the gallery; exclude one copy by index
-        q_labels = rng.integers(0, 11, 25)  # labels 9, 10 never occur in the gallery
+        q_labels = rng.integers(0, n_labels + 2, 25)  # the last two labels never occur in the gallery
         exclude = np.full(25, -1)
         exclude[0] = 5
         exclude[1] = 0
@@ -189,7 +190,9 @@ def _random_case(seed, coarse, same_set):
 @pytest.mark.parametrize("same_set", [True, False], ids=["self", "cross"])
 @pytest.mark.parametrize("chunk_size", [3, 2048])
 def test_evaluate_embeddings_matches_reference(coarse, same_set, chunk_size):
-    q, g, ql, gl, exclude = _random_case(11 * coarse + 3 * same_set, coarse, same_set)
+    # A 1024-item gallery with small classes: k <= 1024 / 64, so top-k takes the 64-column-group bound path.
+    n_g = 1024 if chunk_size > 3 and not same_set else 40
+    q, g, ql, gl, exclude = _random_case(11 * coarse + 3 * same_set, coarse, same_set, n_g)
     rankings, _ = ref_full_rankings(q, g, exclude)
     counts = ref_counts(ql, gl, exclude)
     assert count_relevant(ql, gl, exclude).tolist() == counts

@@ -55,6 +55,26 @@ def prepare_exclude(exclude: Any, n_queries: int, n_gallery: int) -> np.ndarray 
     return ex if np.any(ex >= 0) else None
 
 
+def _candidates(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of entries >= a per-row lower bound of the k-th largest value (so >= k per row).
+
+    The bound is the k-th largest of the maxima of 64-column groups: those k maxima are k distinct entries, so
+    the k-th largest entry is at least as large. One max-reduction plus a selection over G/64 values is ~3x
+    cheaper than ``np.partition`` over G. With heavy ties the bound can admit too many entries; then the exact
+    k-th value is used instead (entries >= it: k plus the ties at position k).
+    """
+    n_rows, n_cols = block.shape
+    group = 64
+    if n_cols >= 4 * group and n_cols // group >= k:
+        maxima = np.maximum.reduceat(block, np.arange(0, n_cols, group), axis=1)
+        bound = np.partition(maxima, maxima.shape[1] - k, axis=1)[:, maxima.shape[1] - k]
+        mask = block >= bound[:, None]
+        if np.count_nonzero(mask) <= n_rows * (16 * k + 256):
+            return np.nonzero(mask)
+    kth = np.partition(block, n_cols - k, axis=1)[:, n_cols - k]
+    return np.nonzero(block >= kth[:, None])
+
+
 def topk_exact(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row of a dense score block with the tie rule above. Returns (values, indices) [B, k].
 
@@ -75,8 +95,7 @@ def topk_exact(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
             idx[lo : lo + b] = order
             vals[lo : lo + b] = np.take_along_axis(block, order, axis=1)
             continue
-        kth = np.partition(block, n_cols - k, axis=1)[:, n_cols - k]  # k-th largest value per row
-        rows, cols = np.nonzero(block >= kth[:, None])  # >= k per row; more only when the k-th value ties
+        rows, cols = _candidates(block, k)  # >= k per row, a superset of the answer
         v = block[rows, cols]
         order = np.lexsort((cols, -v, rows))  # row, then score desc, then index asc
         rows, cols, v = rows[order], cols[order], v[order]
