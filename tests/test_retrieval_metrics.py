@@ -211,20 +211,24 @@ def test_evaluate_embeddings_matches_reference(coarse, same_set, chunk_size):
     np.testing.assert_array_equal(fast.scores, rep.scores)
 
 
-def test_map_sort_strategy_and_large_classes(monkeypatch):
-    """Classes larger than the comparison-pass threshold go through the argsort path: same numbers."""
+@pytest.mark.parametrize("strategy", ["sort", "passes", "candidates"])
+@pytest.mark.parametrize("levels", [1, 64], ids=["ties", "fine"])
+def test_map_rank_strategies(monkeypatch, strategy, levels):
+    """Each way of ranking relevant items (argsort / comparison passes / candidate extraction) is exact."""
     rng = np.random.default_rng(5)
-    g = grid_data(rng, 60, 3, levels=1, scale=1.0)  # 27 distinct vectors for 60 items: heavy ties
-    labels = rng.integers(0, 2, 60)
+    g = grid_data(rng, 60, 3, levels=levels, scale=1.0 / levels)  # levels=1: 27 vectors for 60 items
+    labels = rng.integers(0, 3, 60)
     exclude = np.arange(60)
+    exclude[4] = -1
     rankings, _ = ref_full_rankings(g, g, exclude)
     counts = ref_counts(labels, labels, exclude)
     want = ref_metrics(rankings, labels, labels, counts, KS)
-    for threshold in (0, 10_000):
-        monkeypatch.setattr(evaluate_mod, "_SORT_THRESHOLD", threshold)
-        monkeypatch.setattr(evaluate_mod, "_SORT_ROWS", 7)
-        rep = evaluate_embeddings(g, g, labels, labels, exclude=exclude, ks=KS, chunk_size=9)
-        assert_metrics_equal(rep.metrics, want)
+    monkeypatch.setattr(evaluate_mod, "_SORT_THRESHOLD", 0 if strategy == "sort" else 10_000)
+    monkeypatch.setattr(evaluate_mod, "_CANDIDATE_FRACTION", 0.0 if strategy == "passes" else 1.0)
+    monkeypatch.setattr(evaluate_mod, "_SORT_ROWS", 7)
+    monkeypatch.setattr(evaluate_mod, "_RANK_ROWS", 5)
+    rep = evaluate_embeddings(g, g, labels, labels, exclude=exclude, ks=KS, chunk_size=9)
+    assert_metrics_equal(rep.metrics, want)
 
 
 def test_k_larger_than_gallery_and_all_queries_without_relevant():

@@ -11,10 +11,10 @@ Both come from the same float32 numbers, so neighbours, MAP@R and mAP can never 
 and the matrix product -- the dominant cost on CPU -- is paid once instead of twice (faiss for kNN plus a
 second pass for mAP). Without mAP the search goes through ``knn_search`` (faiss, GPU when available).
 
-Ranks are counted with one comparison pass per relevant item (cheap when classes are small, as in SOP, CUB,
-Cars, In-shop); blocks whose largest class exceeds ``_SORT_THRESHOLD`` switch to a stable argsort per row,
-which costs about as much as ~150 comparison passes. Queries are processed in order of their number of
-relevant items so that a block's passes are not dictated by one large class.
+Ranks are counted on the few gallery items that can precede a query's relevant items (those scoring at
+least as high as its lowest relevant item); blocks where that is a large share fall back to comparison
+passes, and blocks whose largest class exceeds ``_SORT_THRESHOLD`` to a stable argsort per row. Queries are
+processed in order of their number of relevant items so that one large class does not dictate a block's work.
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ _BLOCK_BYTES = 256 << 20
 _SORT_THRESHOLD = 128
 #: rows per stable-argsort sub-block (two int64 [rows, G] temporaries).
 _SORT_ROWS = 64
+#: rows per rank-counting sub-block, and the share of a sub-block's entries above which extracting the
+#: candidates (16 bytes each) stops paying off against comparison passes.
+_RANK_ROWS = 128
+_CANDIDATE_FRACTION = 1 / 16
 
 
 @dataclass
@@ -74,37 +78,67 @@ def _relevant_table(qc: np.ndarray, gc: np.ndarray) -> tuple[np.ndarray, np.ndar
     return order, starts, sizes
 
 
-def _relevant_ranks(block: np.ndarray, rel_idx: np.ndarray) -> np.ndarray:
-    """1-based full-ranking rank of each relevant item (``rel_idx`` [B, W], -1 = padding -> rank 0)."""
-    n_rows, width = rel_idx.shape
-    ranks = np.zeros((n_rows, width), dtype=np.int64)
-    present = rel_idx >= 0
-    if width == 0:
-        return ranks
-    if width > _SORT_THRESHOLD:
-        arange = np.arange(block.shape[1], dtype=np.int64)
-        for lo in range(0, n_rows, _SORT_ROWS):
-            sub = block[lo : lo + _SORT_ROWS]
-            order = np.argsort(-sub, axis=1, kind="stable")  # exactly the tie rule
-            inverse = np.empty_like(order)
-            np.put_along_axis(inverse, order, np.broadcast_to(arange, order.shape), axis=1)
-            r = rel_idx[lo : lo + _SORT_ROWS]
-            got = np.take_along_axis(inverse, np.where(r >= 0, r, 0), axis=1) + 1
-            ranks[lo : lo + _SORT_ROWS] = np.where(r >= 0, got, 0)
-        return ranks
-    rows = np.arange(n_rows)
-    for m in range(width):
-        col = rel_idx[:, m]
-        ok = present[:, m]
+def _ranks_by_sort(block: np.ndarray, rel_idx: np.ndarray) -> np.ndarray:
+    """Strategy for large classes: stable argsort of each row (exactly the tie rule), then look up."""
+    ranks = np.zeros(rel_idx.shape, dtype=np.int64)
+    arange = np.arange(block.shape[1], dtype=np.int64)
+    for lo in range(0, block.shape[0], _SORT_ROWS):
+        sub = block[lo : lo + _SORT_ROWS]
+        order = np.argsort(-sub, axis=1, kind="stable")
+        inverse = np.empty_like(order)
+        np.put_along_axis(inverse, order, np.broadcast_to(arange, order.shape), axis=1)
+        r = rel_idx[lo : lo + _SORT_ROWS]
+        got = np.take_along_axis(inverse, np.where(r >= 0, r, 0), axis=1) + 1
+        ranks[lo : lo + _SORT_ROWS] = np.where(r >= 0, got, 0)
+    return ranks
+
+
+def _ranks_by_passes(block: np.ndarray, rel_idx: np.ndarray, thr: np.ndarray) -> np.ndarray:
+    """Strategy for deep relevant items: two comparison passes over the rows per relevant column."""
+    ranks = np.zeros(rel_idx.shape, dtype=np.int64)
+    for m in range(rel_idx.shape[1]):
+        col, ok, t = rel_idx[:, m], rel_idx[:, m] >= 0, thr[:, m]
         if not ok.any():
             continue
-        thr = np.where(ok, block[rows, np.where(ok, col, 0)], np.inf).astype(block.dtype)
-        greater = (block > thr[:, None]).sum(axis=1, dtype=np.int64)
-        at_least = (block >= thr[:, None]).sum(axis=1, dtype=np.int64)
+        greater = (block > t[:, None]).sum(axis=1, dtype=np.int64)
+        at_least = (block >= t[:, None]).sum(axis=1, dtype=np.int64)
         rank = greater + 1
-        for r in np.flatnonzero(ok & (at_least - greater > 1)):  # ties with other items: rare, exact per row
-            rank[r] += int(np.count_nonzero(block[r, : col[r]] == thr[r]))
+        for r in np.flatnonzero(ok & (at_least - greater > 1)):  # ties with other items: exact, per row
+            rank[r] += int(np.count_nonzero(block[r, : col[r]] == t[r]))
         ranks[:, m] = np.where(ok, rank, 0)
+    return ranks
+
+
+def _relevant_ranks(block: np.ndarray, rel_idx: np.ndarray) -> np.ndarray:
+    """1-based full-ranking rank of each relevant item (``rel_idx`` [B, W], -1 = padding -> rank 0).
+
+    Only gallery items scoring at least as high as a row's *lowest* relevant item can precede any of its
+    relevant items. When those candidates are a small part of the row (the usual case for a useful model),
+    they are extracted once and each relevant item's rank is counted on them:
+    ``#{s_g > s_j} + #{s_g == s_j, g < j} + 1`` -- the tie rule, with no special case. Otherwise (deep
+    relevant items) the row block is scanned with comparison passes; for very large classes it is sorted.
+    """
+    n_rows, width = rel_idx.shape
+    if width == 0:
+        return np.zeros((n_rows, 0), dtype=np.int64)
+    if width > _SORT_THRESHOLD:
+        return _ranks_by_sort(block, rel_idx)
+    ranks = np.zeros((n_rows, width), dtype=np.int64)
+    for lo in range(0, n_rows, _RANK_ROWS):
+        sub, rel = block[lo : lo + _RANK_ROWS], rel_idx[lo : lo + _RANK_ROWS]
+        ok = rel >= 0
+        thr = np.where(ok, np.take_along_axis(sub, np.where(ok, rel, 0), axis=1), np.inf)
+        mask = sub >= thr.min(axis=1)[:, None]  # rows without relevant items: threshold inf, no candidate
+        if np.count_nonzero(mask) > _CANDIDATE_FRACTION * sub.size:
+            ranks[lo : lo + _RANK_ROWS] = _ranks_by_passes(sub, rel, thr.astype(sub.dtype))
+            continue
+        rows, cols = np.nonzero(mask)
+        vals = sub[rows, cols]
+        for m in range(width):
+            t, j = thr[rows, m], rel[rows, m]
+            before = (vals > t) | ((vals == t) & (cols < j))
+            count = np.bincount(rows, weights=before, minlength=sub.shape[0]).astype(np.int64)
+            ranks[lo : lo + _RANK_ROWS, m] = np.where(ok[:, m], count + 1, 0)
     return ranks
 
 
