@@ -45,8 +45,8 @@ _BLOCK_BYTES = 256 << 20
 _SORT_THRESHOLD = 128
 #: rows per stable-argsort sub-block (two int64 [rows, G] temporaries).
 _SORT_ROWS = 64
-#: rows per rank-counting sub-block, and the share of a sub-block's entries above which extracting the
-#: candidates (16 bytes each) stops paying off against comparison passes.
+#: rows per rank-counting sub-block, and the share of a sub-block's entries above which counting on extracted
+#: candidates (~12 ns per candidate and relevant item) stops beating two comparison passes (~0.8 ns/entry).
 _RANK_ROWS = 128
 _CANDIDATE_FRACTION = 1 / 16
 
@@ -132,12 +132,16 @@ def _relevant_ranks(block: np.ndarray, rel_idx: np.ndarray) -> np.ndarray:
         if np.count_nonzero(mask) > _CANDIDATE_FRACTION * sub.size:
             ranks[lo : lo + _RANK_ROWS] = _ranks_by_passes(sub, rel, thr.astype(sub.dtype))
             continue
-        rows, cols = np.nonzero(mask)
-        vals = sub[rows, cols]
+        flat = np.flatnonzero(mask)  # row-major: candidates come grouped by row
+        rows = flat // sub.shape[1]
+        cols = flat - rows * sub.shape[1]
+        vals = sub.reshape(-1)[flat]
+        per_row = np.bincount(rows, minlength=sub.shape[0])
+        ends = np.cumsum(per_row)
         for m in range(width):
-            t, j = thr[rows, m], rel[rows, m]
-            before = (vals > t) | ((vals == t) & (cols < j))
-            count = np.bincount(rows, weights=before, minlength=sub.shape[0]).astype(np.int64)
+            t, j = np.repeat(thr[:, m], per_row), np.repeat(rel[:, m], per_row)
+            before = np.concatenate([[0], np.cumsum((vals > t) | ((vals == t) & (cols < j)))])
+            count = before[ends] - before[ends - per_row]
             ranks[lo : lo + _RANK_ROWS, m] = np.where(ok[:, m], count + 1, 0)
     return ranks
 
