@@ -324,6 +324,8 @@ def test_invalid_inputs_raise():
         evaluate_embeddings(np.full((3, 2), np.nan, np.float32), x, [0, 1, 2], [0, 1, 2])
     with pytest.raises(ValueError):
         retrieval_metrics(np.array([[5]]), [0], [0, 1], relevant_counts=[1])
+    with pytest.raises(ValueError, match="relevant_counts"):  # self left in the list, or a repeated index
+        retrieval_metrics(np.array([[0, 1, 0]]), [0], [0, 0], relevant_counts=[1])
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -132,6 +132,13 @@ def retrieval_metrics(
     if any(k < 1 for k in ks):
         raise ValueError(f"ks must be positive, got {ks}")
 
+    too_many = rel.sum(axis=1) > counts
+    if np.any(too_many):
+        i = int(np.argmax(too_many))
+        raise ValueError(
+            f"query {i}: {int(rel[i].sum())} relevant neighbours but relevant_counts={int(counts[i])} "
+            "(repeated neighbour indices, or the excluded item left in the ranking?)"
+        )
     keep = counts > 0
     rel, counts = rel[keep], counts[keep]
     n_cols = rel.shape[1]
