@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from irgen.artifact import StaleArtifactError, load_artifact
+from irgen.kmeans import TooFewPointsError
 from irgen.pipeline import STAGE_ORDER, STAGES, artifact_expectation, run
 from irlab.train import build_datamodule
 from tests.helpers import REPO, compose_config
@@ -19,6 +20,15 @@ from tests.helpers import REPO, compose_config
 # 16 px digits and a capped k-means pass keep the whole CLI run to a few seconds of compute
 FAST = ["experiment=digits_irgen", "irgen.stage=tokenizer", "debug=fast", "trainer.accelerator=cpu",
         "dataset.image_size=16", "dataset.resize_size=16", "irgen.tokenizer.kmeans_max_points=256"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is much faster than two on a shared, busy CPU (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.mark.slow
@@ -79,3 +89,35 @@ def test_irgen_experiments_use_the_paper_protocol_and_share_the_tokenizer_config
     assert cfg.irgen.artifact_dir.endswith("irgen_artifacts/digits_closed_set")
     zero = compose_config(["experiment=digits_irgen", "protocol=zero_shot"], output_dir=tmp_path)
     assert zero.irgen.artifact_dir.endswith("irgen_artifacts/digits_zero_shot")
+
+
+def test_tiny_dataset_reduces_codes_or_says_what_to_change(fake_data_dir, tmp_path, caplog):
+    """Fake In-shop: 6 training images for 256 codes per level."""
+    tiny = ["experiment=isc_irgen", "irgen.stage=tokenizer", f"paths.data_dir={fake_data_dir}",
+            "irgen.tokenizer.encoder.arch=vit_tiny", "irgen.tokenizer.encoder.pretrained=false",
+            "dataset.image_size=16", "dataset.resize_size=16", "dataset.num_workers=0", "trainer.max_epochs=1",
+            "trainer.accelerator=cpu"]
+    with pytest.raises(TooFewPointsError, match="min_points_per_code"):
+        run(compose_config(tiny, output_dir=tmp_path))
+    with caplog.at_level(logging.WARNING, logger="irgen.kmeans"):
+        metrics = run(compose_config(tiny + ["irgen.tokenizer.min_points_per_code=1"], output_dir=tmp_path))
+    assert "reducing num_codes to 6" in caplog.text
+    assert metrics["tokenizer/codes_per_level"] == 6 and metrics["tokenizer/images"] == 12
+    artifact = torch.load(tmp_path / "logs" / "irgen_artifacts" / "isc_closed_set" / "identifiers.pt",
+                          weights_only=True)
+    assert artifact["codebooks"].shape[:2] == (4, 6) and artifact["codes"].shape == (12, 4)
+
+    # interrupted after training (artifact never written): the next run resumes from last.ckpt, no retraining,
+    # and encodes the same identifiers; another config may not resume it
+    art_dir = tmp_path / "logs" / "irgen_artifacts" / "isc_closed_set"
+    (art_dir / "identifiers.pt").unlink()
+    stamp = (art_dir / "tokenizer" / "last.ckpt").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="irgen.pipeline"):
+        run(compose_config(tiny + ["irgen.tokenizer.min_points_per_code=1"], output_dir=tmp_path))
+    assert "resuming the interrupted stage" in caplog.text
+    assert (art_dir / "tokenizer" / "last.ckpt").stat().st_mtime_ns == stamp  # finished training: not redone
+    assert torch.equal(torch.load(art_dir / "identifiers.pt", weights_only=True)["codes"], artifact["codes"])
+    (art_dir / "identifiers.pt").unlink()
+    with pytest.raises(StaleArtifactError, match="interrupted tokenizer run"):
+        run(compose_config(tiny + ["irgen.tokenizer.min_points_per_code=1", "seed=3"], output_dir=tmp_path))
