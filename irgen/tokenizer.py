@@ -1,6 +1,6 @@
 """IRGen's semantic image tokenizer: an image encoder whose global feature is residual-quantized.
 
-Training (IRGen, arXiv 2303.10126, Sec. 3.1): a cosine classifier is applied to the raw feature and to every
+Training (IRGen, arXiv 2303.10126): a cosine classifier is applied to the raw feature and to every
 partial reconstruction (sum of the first d codewords, d = 1..D), plus a commitment term pulling the feature
 towards its reconstructions; gradients reach the encoder through the straight-through estimator. The loss on
 partial reconstructions is what makes short prefixes already class-discriminative, i.e. decodable
