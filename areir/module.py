@@ -89,6 +89,7 @@ class AREIRModule(RetrievalModule):
             )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         labels = checkpoint.get("state_dict", {}).get("meta_labels")
         if labels is not None:
             log.info(f"meta-class assignment restored from the checkpoint "

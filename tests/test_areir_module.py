@@ -120,3 +120,24 @@ def test_train_app_digits_areir_fast(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "test/R@1" in result.stdout
     assert (tmp_path / "metrics.json").is_file() and list((tmp_path / "checkpoints").glob("*.ckpt"))
+
+
+@pytest.mark.parametrize("name", ["car", "cub", "sop", "isc", "car_crop", "cub_crop", "digits"])
+def test_experiment_configs_compose(name: str) -> None:
+    """Every AREIR experiment composes with the reference recipe (dataset configs come from the datasets branch)."""
+    from hydra import compose, initialize_config_dir
+
+    dataset = name.split("_")[0]
+    if not (ROOT / "conf" / "dataset" / f"{dataset}.yaml").is_file():
+        pytest.skip(f"conf/dataset/{dataset}.yaml not on this branch yet")
+    experiment = f"{dataset}_areir_crop" if name.endswith("_crop") else f"{dataset}_areir"
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"])
+    assert cfg.model._target_ == "areir.module.AREIRModule" and cfg.protocol.name == "zero_shot"
+    assert cfg.dataset.val_fraction > 0 and cfg.dataset.max_per_class == 300
+    assert cfg.model.lr_milestones == [0.5, 0.7] and cfg.model.lr_gamma == 0.1
+    if dataset != "digits":
+        assert cfg.dataset.image_size == cfg.dataset.resize_size == 256 and cfg.model.lr == 1e-4
+        assert cfg.model.members == 48
+        assert cfg.model.meta_classes == {"car": 12, "cub": 12, "sop": 500, "isc": 192}[dataset]
+        assert cfg.dataset.get("crop", False) == name.endswith("_crop")
