@@ -4,7 +4,8 @@
     python bench/areir_members.py --members 48 --size 256 --batch 12 --device cuda --bf16 --channels-last
 
 All formulations share one set of weights (the stacked layout of `areir.model`), so the outputs are also compared:
-the printed max |diff| vs the loop must be at float rounding level. On GPU the peak memory of each is printed.
+the printed max |diff| vs the loop must be at float rounding level. "saved MiB" is the activation memory autograd
+keeps for backward (measured on any device; it scales linearly in members x batch); on GPU the peak is printed too.
 """
 
 from __future__ import annotations
@@ -29,6 +30,22 @@ def step(model: AREIRNet, images: torch.Tensor, labels: torch.Tensor, bf16: bool
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets)
     loss.backward()
     return logits.detach().float()
+
+
+def saved_activation_bytes(model: AREIRNet, images: torch.Tensor, bf16: bool) -> int:
+    """Bytes of the distinct non-parameter storages autograd keeps for backward after one training forward:
+    the activation memory of a step, measurable on any device (CPU included)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model(images)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
 def sync(device: torch.device) -> None:
@@ -68,7 +85,7 @@ def main() -> None:
     print(f"{args.arch} E={args.members} M={args.meta_classes} {args.size}px batch={args.batch} device={device} "
           f"bf16={args.bf16} channels_last={args.channels_last} checkpoint={args.checkpoint} "
           f"threads={torch.get_num_threads()}")
-    print(f"{'impl':<9}{'fwd+bwd ms':>12}{'vs loop':>10}{'max|diff|':>12}{'peak MiB':>10}")
+    print(f"{'impl':<9}{'fwd+bwd ms':>12}{'vs loop':>10}{'max|diff|':>12}{'saved MiB':>11}{'peak MiB':>10}")
     results: dict[str, tuple[float, torch.Tensor]] = {}
     for impl in args.impls.split(","):
         if impl == "vmap" and args.checkpoint:
@@ -87,6 +104,7 @@ def main() -> None:
             step(model, images, labels, args.bf16)
         sync(device)
         ms = (time.perf_counter() - start) / args.iters * 1e3
+        saved = saved_activation_bytes(model, images, args.bf16) / 2**20
         model.load_state_dict(state)
         model.eval()
         with torch.no_grad():
@@ -96,7 +114,7 @@ def main() -> None:
         base_ms, base_out = results.get("loop", (ms, out))
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
         diff = (out - base_out).abs().max().item()
-        print(f"{impl:<9}{ms:>12.1f}{base_ms / ms:>9.2f}x{diff:>12.2e}{peak:>10.0f}")
+        print(f"{impl:<9}{ms:>12.1f}{base_ms / ms:>9.2f}x{diff:>12.2e}{saved:>11.0f}{peak:>10.0f}")
 
 
 if __name__ == "__main__":
