@@ -1,6 +1,6 @@
 """Does the ensemble help? AREIR with E members vs a single member (E=1), same epochs, on the embedded digits (CPU).
 
-    python bench/areir_ensemble_vs_single.py                 # E=4 vs E=1, M=2, 3 epochs, seeds 0 1 2
+    python bench/areir_ensemble_vs_single.py                 # E=4 vs E=1, M=3, 3 epochs, seeds 0 1 2
     python bench/areir_ensemble_vs_single.py --members 8 --meta-classes 3 --epochs 4
 
 Zero-shot digits: train on 0-4 (C=5 classes), retrieve among 5-9 (test R@1, query excluded). No model selection
@@ -47,7 +47,7 @@ def train_and_test(members: int, meta_classes: int, seed: int, args: argparse.Na
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", type=int, default=4)
-    parser.add_argument("--meta-classes", type=int, default=2)
+    parser.add_argument("--meta-classes", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--batch", type=int, default=64)

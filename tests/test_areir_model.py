@@ -145,3 +145,17 @@ def test_bad_options_raise() -> None:
         AREIRNet("vgg16", 2, 2)
     with pytest.raises(ValueError, match="checkpoint_members"):
         AREIRNet("resnet18", 2, 2, member_impl="vmap", checkpoint_members=True)
+
+
+def test_sync_batchnorm_conversion_covers_stem_and_members() -> None:
+    """What Lightning does for trainer.sync_batchnorm=true: every BatchNorm becomes a SyncBatchNorm and the grouped
+    forward is unchanged (outside a process group SyncBatchNorm computes plain batch statistics)."""
+    torch.manual_seed(0)
+    net = AREIRNet("resnet18", 2, 3, True).train()
+    images = torch.randn(2, 3, 32, 32)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(AREIRNet("resnet18", 2, 3, True)).train()
+    synced.load_state_dict(net.state_dict())
+    bns = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, torch.nn.SyncBatchNorm) for m in bns)
+    assert any(m.num_features == 2 * 128 for m in bns)  # member BatchNorms span all E*C channels
+    torch.testing.assert_close(synced(images), net(images))
