@@ -8,7 +8,11 @@ Every member tensor is stored *stacked*: a conv of member e is rows ``[e*out, (e
   the stacked weights are unbound once per forward, so gradients are gathered with one stack per tensor);
 * ``grouped`` -- members stacked along channels: the stem output is tiled E times and every conv becomes one
   grouped conv (``groups = E * groups``); BatchNorm over E*C channels is exactly E separate BatchNorms;
-* ``vmap``    -- ``torch.func.vmap`` of the single-member forward over the stacked weights.
+* ``vmap``    -- ``torch.func.vmap`` of the single-member forward over the stacked weights;
+* ``auto``    -- grouped on CUDA, loop otherwise. On CPU (oneDNN, 2 cores) the three cost the same or the loop
+  wins (bench/areir_members.py: grouped 0.7-1.0x the loop's speed): convolutions are compute-bound there. On a
+  GPU the loop issues E times more, E times smaller kernels (~3k launches per forward for E=48), so stacking the
+  members into one grouped conv per layer is the formulation that keeps the GPU busy.
 
 Checkpoints are therefore identical across formulations, the numerical equivalence test needs no weight copying,
 and ``SyncBatchNorm`` conversion (DDP) sees ordinary BatchNorm modules. Member weights are initialised from one
@@ -31,6 +35,7 @@ from irlab.backbones import build_torchvision
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
 MEMBER_IMPLS = ("loop", "grouped", "vmap")
+AUTO_IMPL = {"cuda": "grouped"}  # `auto`: grouped on GPU, the loop elsewhere (measured fastest on CPU)
 
 
 def split_members(t: torch.Tensor, members: int) -> torch.Tensor:
@@ -205,13 +210,13 @@ class AREIRNet(nn.Module):
         meta_classes: int = 12,
         with_se: bool = True,
         pretrained: bool | str = False,
-        member_impl: str = "grouped",
+        member_impl: str = "auto",
         random_weighting: bool = False,
         checkpoint_members: bool = False,
     ) -> None:
         super().__init__()
-        if member_impl not in MEMBER_IMPLS:
-            raise ValueError(f"model.member_impl must be one of {MEMBER_IMPLS}, got {member_impl!r}")
+        if member_impl not in (*MEMBER_IMPLS, "auto"):
+            raise ValueError(f"model.member_impl must be one of {(*MEMBER_IMPLS, 'auto')}, got {member_impl!r}")
         if members < 1 or meta_classes < 1:
             raise ValueError(f"model.members and model.meta_classes must be >= 1, got {members}, {meta_classes}")
         if checkpoint_members and member_impl == "vmap":
@@ -264,18 +269,25 @@ class AREIRNet(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.stem(images)
         weights = self.branch_weights(feats.device)
-        if self.member_impl == "grouped":
+        impl = self.resolved_impl(feats.device)
+        if impl == "grouped":
             x = feats.repeat(1, self.num_members, 1, 1)
             if weights is not None:
                 x = x * weights.to(x.dtype).repeat_interleave(self.stem_channels)[None, :, None, None]
             ckpt = self.checkpoint_members and self.training and torch.is_grad_enabled()
             return self.members(x, True, ckpt=ckpt)
-        out = self._forward_loop(feats, weights) if self.member_impl == "loop" else self._forward_vmap(feats, weights)
+        out = self._forward_loop(feats, weights) if impl == "loop" else self._forward_vmap(feats, weights)
         if self.training:  # per-member BatchNorm calls skip the step counter; count this step once, as grouped does
             for bn in self.members.modules():
                 if isinstance(bn, nn.modules.batchnorm._BatchNorm):
                     bn.num_batches_tracked.add_(1)
         return out
+
+    def resolved_impl(self, device: torch.device) -> str:
+        """The formulation used on `device` (``auto`` resolves per device type)."""
+        if self.member_impl == "auto":
+            return AUTO_IMPL.get(device.type, "loop")
+        return self.member_impl
 
     def member_states(self) -> dict[str, torch.Tensor]:
         """Every member tensor as [E, ...] (views of the stacked storage; the step counters are left out)."""

@@ -32,7 +32,7 @@ class AREIRModule(RetrievalModule):
         meta_classes: int = 12,
         assignment: str = "random",
         assignment_seed: int = 0,
-        member_impl: str = "grouped",
+        member_impl: str = "auto",
         random_weighting: bool = False,
         checkpoint_members: bool = False,
         channels_last: bool = False,
@@ -99,7 +99,7 @@ class AREIRModule(RetrievalModule):
     def setup(self, stage: str) -> None:
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
-        if self.trainer is not None and self.trainer.world_size > 1 and self.hparams.member_impl != "grouped":
+        if self.trainer is not None and self.trainer.world_size > 1 and self.hparams.member_impl in ("loop", "vmap"):
             log.warning("DDP with member_impl != grouped: SyncBatchNorm only synchronises the stem and grouped "
                         "member BatchNorms; use model.member_impl=grouped for synchronised member statistics")
 

@@ -151,11 +151,35 @@ def test_sync_batchnorm_conversion_covers_stem_and_members() -> None:
     """What Lightning does for trainer.sync_batchnorm=true: every BatchNorm becomes a SyncBatchNorm and the grouped
     forward is unchanged (outside a process group SyncBatchNorm computes plain batch statistics)."""
     torch.manual_seed(0)
-    net = AREIRNet("resnet18", 2, 3, True).train()
+    net = AREIRNet("resnet18", 2, 3, True, member_impl="grouped").train()
     images = torch.randn(2, 3, 32, 32)
-    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(AREIRNet("resnet18", 2, 3, True)).train()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(AREIRNet("resnet18", 2, 3, True, member_impl="grouped"))
+    synced.train()
     synced.load_state_dict(net.state_dict())
     bns = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     assert bns and all(isinstance(m, torch.nn.SyncBatchNorm) for m in bns)
     assert any(m.num_features == 2 * 128 for m in bns)  # member BatchNorms span all E*C channels
     torch.testing.assert_close(synced(images), net(images))
+
+
+def test_auto_formulation_is_grouped_on_gpu_and_loop_on_cpu() -> None:
+    with torch.device("meta"):
+        net = AREIRNet("resnet18", 2, 2)
+    assert net.member_impl == "auto"
+    assert net.resolved_impl(torch.device("cuda")) == "grouped" and net.resolved_impl(torch.device("cpu")) == "loop"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_grouped_equals_loop_on_gpu_bf16() -> None:
+    torch.manual_seed(0)
+    net = AREIRNet("resnet18", 4, 12, True, member_impl="loop").cuda().train()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    images = torch.randn(8, 3, 128, 128, device="cuda")
+    outs = {}
+    for impl in ("loop", "grouped"):
+        net.load_state_dict(state)
+        net.member_impl = impl
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs[impl] = net(images).float()
+    torch.testing.assert_close(outs["grouped"], outs["loop"], atol=5e-2, rtol=5e-2)
