@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.base import RetrievalDataModule
+from irlab.distributed import install_hydra_ddp_launch
 from irlab.reporting import print_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def build_model(model_cfg: DictConfig, datamodule: RetrievalDataModule, **runtim
 
 
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+    install_hydra_ddp_launch()  # extra DDP ranks re-run this job, not the whole command line (sweeps)
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)
     loggers = instantiate_group(cfg.get("logger"), Logger)
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
