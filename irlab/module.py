@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
 
 log = logging.getLogger(__name__)
+# evaluation metrics are computed on rank 0 and broadcast, so every rank logs the same value: no sync_dist needed
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
 @dataclass

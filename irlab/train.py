@@ -64,7 +64,8 @@ def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig, model: L.LightningM
     if not trainer.loggers:
         return
     params = {
-        "cfg": OmegaConf.to_container(cfg, resolve=True),
+        # without the `hydra` node: present when composed with the compose API, not resolvable outside a sweep
+        "cfg": OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True),
         "model/params_total": sum(p.numel() for p in model.parameters()),
         "model/params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "data": dm.describe(),
