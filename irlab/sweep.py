@@ -105,9 +105,9 @@ def print_summary(jobs: list[dict[str, Any]], metrics: list[str], title: str, mo
     table = Table(title=title, caption=("common: " + " ".join(common)) if common else None)
     table.add_column("job")
     for key in varying:
-        table.add_column(key)
+        table.add_column(key, overflow="fold")  # wrap long values (Optuna floats) instead of cutting them
     for m in metrics:
-        table.add_column(m, justify="right")
+        table.add_column(m, justify="right", overflow="fold")
     table.add_column("status")
     for job in jobs:
         values = [f"{job['metrics'][m]:.4f}" if m in job["metrics"] else "-" for m in metrics]

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from irlab.sweep import find_job_dirs, summarize
 from tests.helpers import REPO
-from tests.wandb_records import run_record
+from tests.scripts.wandb_records import run_record
 
 
 def _fake_job(sweep, name, overrides, metrics=None):
@@ -61,3 +61,17 @@ def test_two_job_multirun_with_wandb(tmp_path):
     assert runs[0].run_id != runs[1].run_id
     assert {r.run_group for r in runs} == {"sweep"}
     assert runs[0].display_name.startswith("dataset.batch_size=16") and "model.embedding_dim=8" in runs[0].display_name
+
+
+@pytest.mark.parametrize("plugin,override", [("hydra_plugins.hydra_optuna_sweeper", "hparams_search=digits_optuna"),
+                                             ("hydra_plugins.hydra_submitit_launcher", "hydra/launcher=slurm")])
+def test_optional_sweeper_and_launcher_configs_compose(plugin, override, tmp_path):
+    """Only with the `optuna` / `slurm` extras installed (the plugins provide the base configs)."""
+    pytest.importorskip(plugin)
+    from tests.helpers import compose_config
+
+    cfg = compose_config([override, "trainer=ddp", "trainer.num_nodes=2"], output_dir=tmp_path)
+    if "optuna" in override:
+        assert cfg.hydra.sweeper.direction == "maximize" and "model.lr" in cfg.hydra.sweeper.params
+    else:
+        assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (2, 8)

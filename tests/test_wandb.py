@@ -10,7 +10,7 @@ from omegaconf import open_dict, read_write
 from irlab.sweep import wandb_logger
 from irlab.train import run
 from tests.helpers import compose_config
-from tests.wandb_records import finished_run_log, records
+from tests.scripts.wandb_records import finished_run_log, records
 
 FAST = ["debug=fast", "trainer.accelerator=cpu", "dataset.image_size=16", "dataset.resize_size=16",
         "dataset.batch_size=16", "dataset.eval_batch_size=64"]

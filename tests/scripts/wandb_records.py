@@ -62,3 +62,25 @@ def finished_run_log(run_folder: str | Path, timeout: float = 30.0) -> Path:
         last_size = size
         time.sleep(0.5)
     raise AssertionError(f"{path} did not receive its exit record within {timeout} s")
+
+
+def main(argv: list[str]) -> None:
+    """``python tests/scripts/wandb_records.py <run folder>``: print an offline run's name, group and summary."""
+    import json
+
+    log = offline_run_log(argv[0])
+    summary: dict[str, str] = {}
+    for record in records(log):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            print(f"run {record.run.run_id}: name={record.run.display_name!r} group={record.run.run_group!r}")
+        elif kind == "summary":
+            summary.update({i.key or "/".join(i.nested_key): i.value_json for i in record.summary.update})
+    for key in sorted(k for k in summary if not k.startswith("_") and len(summary[k]) < 40):
+        print(f"{key} = {json.loads(summary[key])}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
