@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from irlab.reproducibility import rng_states, set_rng_states
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,15 @@ class RetrievalModule(L.LightningModule):
     # ---- to implement ---------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    # ---- exact resume --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the random-number generators so a resumed run draws the same batches, flips and targets."""
+        checkpoint["rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "rng_states" in checkpoint:
+            set_rng_states(checkpoint["rng_states"])
 
     # ---- evaluation -----------------------------------------------------------------------------------
     def on_validation_epoch_start(self) -> None:
