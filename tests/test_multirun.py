@@ -61,6 +61,7 @@ def test_two_job_multirun_with_wandb(tmp_path):
     assert runs[0].run_id != runs[1].run_id
     assert {r.run_group for r in runs} == {"sweep"}
     assert runs[0].display_name.startswith("dataset.batch_size=16") and "model.embedding_dim=8" in runs[0].display_name
+    assert "paths.log_dir" not in runs[0].display_name  # where files go is not part of a run's identity
 
 
 @pytest.mark.parametrize("plugin,override", [("hydra_plugins.hydra_optuna_sweeper", "hparams_search=digits_optuna"),
