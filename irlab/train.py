@@ -75,15 +75,19 @@ def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig, model: L.LightningM
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """``last`` means this run folder's checkpoints/last.ckpt; anything else must exist."""
+    """``last`` / ``on_exception`` name this run folder's checkpoints; anything else must be an existing file.
+
+    ``last`` (end of the last finished epoch) resumes exactly: same final metrics as an uninterrupted run.
+    ``on_exception`` (written on SIGTERM or a crash, mid-epoch) loses less work but replays part of an epoch.
+    """
     if ckpt_path in (None, ""):
         return None
-    if ckpt_path == "last":
-        candidate = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if ckpt_path in ("last", "on_exception"):
+        candidate = Path(output_dir) / "checkpoints" / f"{ckpt_path}.ckpt"
         if not candidate.is_file():
             raise FileNotFoundError(
-                f"ckpt_path=last but {candidate} does not exist. To resume, run again in the same folder "
-                f"(hydra.run.dir=<old run folder>) or pass ckpt_path=/path/to/last.ckpt"
+                f"ckpt_path={ckpt_path} but {candidate} does not exist. To resume, run again in the same folder "
+                f"(hydra.run.dir=<old run folder>) or pass ckpt_path=/path/to/{ckpt_path}.ckpt"
             )
         return str(candidate)
     if not Path(ckpt_path).is_file():
