@@ -12,7 +12,8 @@ from irlab.train import run
 from tests.helpers import compose_config
 
 SMALL = ["trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
-         "dataset.batch_size=32", "model.embedding_dim=32", "test=false"]
+         "trainer.limit_val_batches=2", "dataset.batch_size=32", "model.embedding_dim=32", "test=false",
+         "callbacks=[model_checkpoint,on_exception_checkpoint]"]
 
 
 class Killed(RuntimeError):
