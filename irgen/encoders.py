@@ -72,6 +72,9 @@ class ViTEncoder(ImageEncoder):
 def load_vit_weights(vit: VisionTransformer, path: str) -> None:
     """Load a torchvision-format ViT state dict from a local file (tensors only, strict on the encoder)."""
     state = load_local_state_dict(path)
+    if any(k.removeprefix("module.").removeprefix("visual.") == "conv1.weight" for k in state):
+        raise ValueError(f"{path} is a CLIP checkpoint (conv1/ln_pre/QuickGELU/proj layout): use "
+                         f"model.encoder.arch=clip_vit_b_16 (or arch=clip to read the architecture from the file)")
     state = {k.removeprefix("vit."): v for k, v in state.items() if not k.startswith("heads")}
     missing, _ = vit.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("heads")]
@@ -96,8 +99,13 @@ class ResNetEncoder(ImageEncoder):
 
 
 def build_encoder(arch: str = "vit_tiny", image_size: int = 224, pretrained: bool | str = False) -> ImageEncoder:
+    if arch == "clip" or arch.startswith("clip_"):  # OpenAI/open_clip visual towers (the IRGen paper's encoder)
+        from irgen.clip_weights import build_clip_encoder
+
+        return build_clip_encoder(arch, image_size, pretrained)
     if arch in VIT_SPECS:
         return ViTEncoder(arch, image_size, pretrained)
     if arch in RESNETS:
         return ResNetEncoder(arch, pretrained)
-    raise ValueError(f"unknown encoder {arch!r}; choose one of {sorted(VIT_SPECS) + list(RESNETS)}")
+    raise ValueError(f"unknown encoder {arch!r}; choose one of {sorted(VIT_SPECS) + list(RESNETS)} or "
+                     f"clip_vit_b_16 / clip")

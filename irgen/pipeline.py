@@ -1,0 +1,247 @@
+"""IRGen as a pipeline of stages sharing one artifact folder: `python train.py experiment=<x>_irgen`.
+
+``runner: irgen.pipeline.run`` in the IRGen experiment files selects this. Stages run in `STAGE_ORDER`;
+``irgen.stage`` picks one (``tokenizer`` | ``generator``) or ``all``. Every stage writes into
+``irgen.artifact_dir`` (shared across runs, keyed by dataset and protocol), so that:
+
+* a finished stage is reused (its outputs are validated against this run's dataset and config, and a mismatch
+  stops the run with the command that rebuilds it: ``irgen.rebuild=true``),
+* an interrupted stage resumes from the ``last.ckpt`` in its sub-folder.
+
+Adding a stage = writing ``fn(ctx: PipelineContext) -> dict[str, float]`` and registering it in `STAGES`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.base import RetrievalDataModule
+from irgen.artifact import IdentifierArtifact, StaleArtifactError, dataset_fingerprint, load_artifact, save_artifact
+from irgen.identifier_stats import identifier_stats, quantized_retrieval
+from irgen.kmeans import effective_num_codes
+from irlab.reporting import print_metrics, write_metrics
+from irlab.train import build_datamodule, build_model, instantiate_group, log_hyperparameters
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_NAME = "identifiers.pt"
+STATS_NAME = "identifier_stats.json"
+TOKENIZER_DIR = "tokenizer"
+# dataset settings that change what the tokenizer sees (transforms, batches), beyond the records themselves
+DATA_KEYS = ("image_size", "resize_size", "crop", "mean", "std", "batch_size", "max_per_class", "val_fraction")
+# trainer settings that change the trained tokenizer (not where it logs or how many devices run it)
+TRAINER_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "precision",
+                "gradient_clip_val")
+
+
+@dataclass
+class PipelineContext:
+    """What stages share: the config, the set-up datamodule, the artifact folder, results so far."""
+
+    cfg: DictConfig
+    datamodule: RetrievalDataModule
+    artifact_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    artifact: IdentifierArtifact | None = None  # set by the tokenizer stage (built or reused)
+
+    @property
+    def artifact_path(self) -> Path:
+        return self.artifact_dir / ARTIFACT_NAME
+
+
+# ---- what an artifact must match -----------------------------------------------------------------------
+def _plain(node: Any) -> Any:
+    return json.loads(json.dumps(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig)
+                                 else node, sort_keys=True))
+
+
+def tokenizer_signature(cfg: DictConfig, datamodule: RetrievalDataModule) -> dict[str, Any]:
+    """Everything that determines the identifiers besides the records: model, training and data settings."""
+    trainer = stage_trainer_config(cfg, "tokenizer")
+    return {
+        "model": _plain(cfg.irgen.tokenizer),
+        "trainer": {k: _plain(trainer.get(k)) for k in TRAINER_KEYS},
+        "data": {k: _plain(getattr(datamodule, k, None)) for k in DATA_KEYS},
+        "seed": int(cfg.seed),
+    }
+
+
+def artifact_expectation(cfg: DictConfig, datamodule: RetrievalDataModule) -> dict[str, Any]:
+    """The ``expected`` argument of `load_artifact` for this run (the generator stage uses it as well)."""
+    return {"dataset": dataset_fingerprint(datamodule), "tokenizer": tokenizer_signature(cfg, datamodule)}
+
+
+def rebuild_command(cfg: DictConfig) -> str:
+    """The command line that rebuilds this run's identifier artifact."""
+    try:
+        experiment = hydra.core.hydra_config.HydraConfig.get().runtime.choices.get("experiment")
+    except ValueError:  # no Hydra context (direct API use)
+        experiment = None
+    return (f"python train.py experiment={experiment or '<your irgen experiment>'} irgen.stage=tokenizer "
+            f"irgen.rebuild=true (plus this run's other overrides)")
+
+
+def load_identifiers(ctx: PipelineContext) -> IdentifierArtifact:
+    """The validated artifact of this run (what the generator stage starts from)."""
+    if ctx.artifact is None:
+        ctx.artifact = load_artifact(ctx.artifact_path, expected=artifact_expectation(ctx.cfg, ctx.datamodule),
+                                     rebuild_hint=rebuild_command(ctx.cfg))
+    return ctx.artifact
+
+
+# ---- trainers -------------------------------------------------------------------------------------------
+def stage_trainer_config(cfg: DictConfig, stage: str) -> DictConfig:
+    """`trainer` with ``irgen.stage_trainer.<stage>`` merged on top."""
+    overrides = (cfg.irgen.get("stage_trainer") or {}).get(stage) or {}
+    return OmegaConf.merge(cfg.trainer, overrides)
+
+
+def build_stage_trainer(cfg: DictConfig, stage: str, ckpt_dir: Path, monitor: str = "val/R@1") -> L.Trainer:
+    """A trainer whose checkpoints (best by `monitor` and last.ckpt) go to the stage's artifact sub-folder."""
+    callbacks: list[Callback] = []
+    for conf in (cfg.get("callbacks") or {}).values():
+        if not isinstance(conf, DictConfig) or "_target_" not in conf:
+            continue
+        target = hydra.utils.get_class(conf._target_)
+        extra = {}
+        if issubclass(target, ModelCheckpoint):
+            extra = {"dirpath": str(ckpt_dir), "monitor": monitor, "mode": "max", "save_last": True}
+        callbacks.append(hydra.utils.instantiate(conf, **extra))
+    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # resuming needs last.ckpt
+        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0))
+    loggers = instantiate_group(cfg.get("logger"), Logger)
+    return hydra.utils.instantiate(stage_trainer_config(cfg, stage), callbacks=callbacks, logger=loggers or False)
+
+
+# ---- stage 1: tokenizer ---------------------------------------------------------------------------------
+def _prefixed(stats: dict[str, float], prefix: str = "tokenizer/") -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in stats.items()}
+
+
+def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
+    """Train the tokenizer (or reuse/resume it), encode every record, save the artifact and its statistics."""
+    cfg, dm = ctx.cfg, ctx.datamodule
+    expected = artifact_expectation(cfg, dm)
+    hint = rebuild_command(cfg)
+    if ctx.artifact_path.exists():
+        ctx.artifact = load_artifact(ctx.artifact_path, expected=expected, rebuild_hint=hint)
+        log.info(f"tokenizer: reusing identifier artifact {ctx.artifact_path} (irgen.rebuild=true to rebuild)")
+        return _prefixed(ctx.artifact.meta.get("stats", {}))
+
+    tok_dir = ctx.artifact_dir / TOKENIZER_DIR
+    _check_resumable(tok_dir, expected, hint)
+    model_cfg = cfg.irgen.tokenizer
+    n_train = len(dm.split.train_ids)
+    if model_cfg.get("kmeans_max_points"):
+        n_train = min(n_train, int(model_cfg.kmeans_max_points))
+    num_codes = effective_num_codes(int(model_cfg.num_codes), n_train, int(model_cfg.get("min_points_per_code", 4)))
+    model = build_model(model_cfg, dm, num_codes=num_codes)
+    trainer = build_stage_trainer(cfg, "tokenizer", tok_dir)
+    log_hyperparameters(trainer, cfg, model, dm)
+    last = tok_dir / "last.ckpt"
+    if last.is_file():
+        log.info(f"tokenizer: resuming the interrupted stage from {last}")
+    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+
+    codes, features = encode_records(model, dm)
+    recon = model.quantizer.decode(codes.to(model.device))[:, -1].cpu()
+    labels = torch.tensor([r.label for r in dm.records]).numpy()
+    stats = identifier_stats(codes.numpy(), labels, model.quantizer.num_codes)
+    stats.update(quantized_retrieval(features.numpy(), recon.numpy(), codes.numpy(), dm.eval_set("test")))
+    meta = {**expected, "num_levels": model.quantizer.num_levels, "num_codes": model.quantizer.num_codes,
+            "num_codes_requested": int(model_cfg.num_codes), "stats": stats,
+            "checkpoint": str(last), "eval_split": "test"}
+    ctx.artifact = IdentifierArtifact(codes=codes, codebooks=model.quantizer.codebooks.detach().cpu(), meta=meta)
+    if trainer.is_global_zero:
+        save_artifact(ctx.artifact_path, ctx.artifact)
+        write_stats(ctx.artifact_dir / STATS_NAME, stats, meta)
+        for logger in trainer.loggers:
+            logger.log_metrics(_prefixed(stats), step=trainer.global_step)
+            logger.save()
+        log.info(f"tokenizer: wrote {ctx.artifact_path} ({len(codes)} identifiers, "
+                 f"{int(stats['distinct_identifiers'])} distinct, collision rate {stats['collision_rate']:.3f})")
+    trainer.strategy.barrier()
+    return {**metrics, **_prefixed(stats)}
+
+
+def _check_resumable(tok_dir: Path, expected: dict[str, Any], hint: str) -> None:
+    """An interrupted tokenizer run may only be resumed by a run with the same data and config."""
+    signature = tok_dir / "signature.json"
+    if signature.is_file():
+        found = json.loads(signature.read_text())
+        if found != json.loads(json.dumps(expected, sort_keys=True)):
+            raise StaleArtifactError(f"{tok_dir} holds an interrupted tokenizer run with another dataset or config "
+                                     f"({signature}); it cannot be resumed. Rebuild: {hint}")
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    signature.write_text(json.dumps(expected, indent=2, sort_keys=True))
+
+
+def write_stats(path: Path, stats: dict[str, float], meta: dict[str, Any]) -> Path:
+    """Identifier statistics with what they were measured on, next to the artifact (human-readable)."""
+    return write_metrics(path, stats, {"dataset": meta["dataset"], "num_levels": meta["num_levels"],
+                                       "num_codes": meta["num_codes"], "eval_split": meta["eval_split"]})
+
+
+def encode_records(model, datamodule):  # imported lazily: keeps `import irgen.pipeline` light for part 2
+    from irgen.tokenizer import encode_records as _encode
+
+    return _encode(model, datamodule)
+
+
+# ---- registry and runner ----------------------------------------------------------------------------------
+Stage = Callable[[PipelineContext], dict[str, float]]
+STAGE_ORDER = ("tokenizer", "generator")
+STAGES: dict[str, Stage] = {"tokenizer": tokenizer_stage}  # part 2 registers "generator"
+
+
+def clear_tokenizer_outputs(artifact_dir: Path) -> None:
+    """``irgen.rebuild=true``: remove the identifier artifact, its statistics and the tokenizer's checkpoints."""
+    for name in (ARTIFACT_NAME, STATS_NAME):
+        (artifact_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(artifact_dir / TOKENIZER_DIR, ignore_errors=True)
+
+
+# what ``irgen.rebuild=true`` removes before a selected stage runs (part 2 registers the generator's)
+CLEARERS: dict[str, Callable[[Path], None]] = {"tokenizer": clear_tokenizer_outputs}
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Run ``irgen.stage`` (or every registered stage in order for ``all``); write and print the metrics."""
+    stage = cfg.irgen.stage
+    if stage != "all" and stage not in STAGE_ORDER:
+        raise ValueError(f"irgen.stage must be 'all' or one of {STAGE_ORDER}, got {stage!r}")
+    if stage != "all" and stage not in STAGES:
+        raise NotImplementedError(f"IRGen stage {stage!r} is not available in this version; run irgen.stage=tokenizer")
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    ctx = PipelineContext(cfg, datamodule, Path(cfg.irgen.artifact_dir))
+    selected = [s for s in STAGE_ORDER if s in STAGES] if stage == "all" else [stage]
+    if cfg.irgen.get("rebuild") and rank_zero_only.rank == 0:
+        for name in selected:
+            log.warning(f"irgen.rebuild=true: removing the previous {name} outputs in {ctx.artifact_dir}")
+            CLEARERS.get(name, lambda _: None)(ctx.artifact_dir)
+    for skipped in (s for s in STAGE_ORDER if stage == "all" and s not in STAGES):
+        log.warning(f"IRGen stage {skipped!r} is not implemented yet: skipped")
+    for name in selected:
+        log.info(f"IRGen stage: {name}")
+        ctx.metrics.update(STAGES[name](ctx))
+    if rank_zero_only.rank == 0:
+        data = {**datamodule.describe(), "artifact_dir": str(ctx.artifact_dir)}
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", ctx.metrics, data)
+        print_metrics(ctx.metrics, title=f"IRGen ({stage}): {datamodule.name} / {datamodule.protocol}")
+    return ctx.metrics

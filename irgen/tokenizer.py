@@ -1,0 +1,228 @@
+"""IRGen's semantic image tokenizer: an image encoder whose global feature is residual-quantized.
+
+Training (IRGen, arXiv 2303.10126, Sec. 3.1): a cosine classifier is applied to the raw feature and to every
+partial reconstruction (sum of the first d codewords, d = 1..D), plus a commitment term pulling the feature
+towards its reconstructions; gradients reach the encoder through the straight-through estimator. The loss on
+partial reconstructions is what makes short prefixes already class-discriminative, i.e. decodable
+coarse-to-fine. Codebooks are k-means-initialised and then re-fitted every epoch (``codebook_update=refit``)
+or EMA-tracked (``ema``); see `irgen.quantizer`.
+
+Validation logs retrieval with the quantized feature as ``val/R@1`` (reconstruction cosine) and with the raw
+feature as ``val/raw_R@1``, so checkpoint selection looks at what the identifiers can do.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from datamodules.base import RecordDataset
+from irgen.encoders import build_encoder
+from irgen.kmeans import check_enough_points
+from irgen.quantizer import Quantized, ResidualQuantizer, perplexity
+from irlab.baseline import NormalizedSoftmaxLoss
+from irlab.module import RetrievalModule
+from irlab.retrieval import RetrievalReport, evaluate_embeddings
+
+log = logging.getLogger(__name__)
+
+UPDATES = ("refit", "ema")
+DEFAULT_LOSS = {"raw": 1.0, "partial": 1.0, "commit": 0.25}
+
+
+def _plain(x):
+    """DictConfig -> dict so that hyperparameters stay loadable with ``weights_only=True``."""
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else x
+
+
+class IRGenTokenizer(RetrievalModule):
+    def __init__(
+        self,
+        num_classes: int,
+        encoder: Mapping | None = None,
+        feature_dim: int | None = None,
+        num_levels: int = 4,
+        num_codes: int = 256,
+        codebook_update: str = "refit",
+        ema_decay: float = 0.99,
+        dead_code_threshold: float = 0.03,
+        kmeans_niter: int = 20,
+        kmeans_max_points: int | None = None,
+        min_points_per_code: int = 4,
+        loss_weights: Mapping | None = None,
+        temperature: float = 0.05,
+        lr: float = 1e-3,
+        encoder_lr_scale: float = 1.0,
+        weight_decay: float = 1e-4,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        encoder = dict(_plain(encoder) or {})
+        loss_weights = {**DEFAULT_LOSS, **dict(_plain(loss_weights) or {})}
+        if set(loss_weights) - set(DEFAULT_LOSS):
+            raise ValueError(f"loss_weights keys must be {sorted(DEFAULT_LOSS)}, got {sorted(loss_weights)}")
+        if codebook_update not in UPDATES:
+            raise ValueError(f"codebook_update must be one of {UPDATES}, got {codebook_update!r}")
+        self.save_hyperparameters()
+        self.encoder = build_encoder(encoder.get("arch", "vit_tiny"), encoder.get("image_size", 224),
+                                     encoder.get("pretrained", False))
+        dim = feature_dim or self.encoder.dim
+        self.proj = nn.Linear(self.encoder.dim, dim) if feature_dim else nn.Identity()
+        self.quantizer = ResidualQuantizer(num_levels, num_codes, dim, ema_decay=ema_decay)
+        self.classifier = NormalizedSoftmaxLoss(num_classes, dim, temperature)
+        self.loss_weights = loss_weights
+        self._refit_epoch = -1
+
+    # ---- features and identifiers ---------------------------------------------------------------------
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised global (class-token) feature [B, dim]: the vector that is quantized."""
+        return F.normalize(self.proj(self.encoder.global_feature(images)), dim=-1)
+
+    def quantize(self, features: torch.Tensor) -> Quantized:
+        return self.quantizer(features.detach())
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Identifiers int64 [B, D]."""
+        return self.quantizer.encode(self.features(images))
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """[raw feature | normalised full reconstruction]; `rank_gallery` evaluates each half separately."""
+        z = self.features(images)
+        if not bool(self.quantizer.initialized):  # e.g. a sanity check before the k-means initialisation
+            return torch.cat([z, z], dim=-1)
+        recon = F.normalize(self.quantizer(z).partials[:, -1], dim=-1)
+        return torch.cat([z, recon], dim=-1)
+
+    # ---- training -------------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        images, labels = batch["image"], batch["label"]
+        z = self.features(images)
+        q = self.quantize(z)
+        # straight-through: the classifier sees the reconstruction, the encoder receives its gradient as if
+        # it had been applied to z itself
+        partial_st = z[:, None] + (q.partials - z[:, None]).detach()
+        loss_raw = self.classifier(z, labels)
+        loss_partial = torch.stack([self.classifier(partial_st[:, d], labels)
+                                    for d in range(self.quantizer.num_levels)]).mean()
+        commit = (z[:, None] - q.partials).pow(2).sum(-1).mean()
+        w = self.loss_weights
+        loss = w["raw"] * loss_raw + w["partial"] * loss_partial + w["commit"] * commit
+        if self.hparams.codebook_update == "ema":
+            reseeded = self.quantizer.ema_update(z.detach(), q.codes, self.hparams.dead_code_threshold)
+            self.log("train/reseeded_codes", float(reseeded), reduce_fx="sum")
+        self.log_dict({"train/loss": loss, "train/loss_raw": loss_raw, "train/loss_partial": loss_partial,
+                       "train/commit": commit}, prog_bar=False)
+        self.log("train/perplexity_l0", perplexity(q.codes[:, 0], self.quantizer.num_codes))
+        return loss
+
+    # ---- codebook fitting -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def training_features(self) -> torch.Tensor:
+        """Features of the training split with the evaluation transform (at most ``kmeans_max_points``)."""
+        dm = self.trainer.datamodule
+        dataset = dm.train_dataset(transform=dm.eval_transform())
+        limit = self.hparams.kmeans_max_points
+        if limit and len(dataset) > limit:
+            rng = np.random.default_rng(self.hparams.seed + max(0, self.current_epoch))
+            dataset = Subset(dataset, np.sort(rng.choice(len(dataset), limit, replace=False)).tolist())
+        loader = DataLoader(dataset, batch_size=dm.eval_batch_size, shuffle=False, num_workers=dm.num_workers)
+        was_training = self.training
+        self.eval()
+        feats = [self.features(batch["image"].to(self.device)).float().cpu() for batch in loader]
+        self.train(was_training)
+        return torch.cat(feats)
+
+    @torch.no_grad()
+    def refit_codebooks(self, features: torch.Tensor | None = None) -> dict[str, float]:
+        """k-means every level on (the residuals of) `features`, default: the training split's features.
+
+        Under DDP rank 0 computes and fits, then every rank receives the same codebooks.
+        """
+        info: dict[str, float] = {}
+        trainer = self._trainer
+        if trainer is None or trainer.is_global_zero:
+            features = self.training_features() if features is None else features
+            check_enough_points(len(features), self.quantizer.num_codes, self.hparams.min_points_per_code)
+            info = self.quantizer.fit(features, niter=self.hparams.kmeans_niter, seed=self.hparams.seed)
+        if trainer is not None and trainer.world_size > 1:
+            state = trainer.strategy.broadcast({k: v.cpu() for k, v in self.quantizer.state_dict().items()}, src=0)
+            self.quantizer.load_state_dict({k: v.to(self.device) for k, v in state.items()})
+        return info
+
+    def _refit(self, when: str) -> None:
+        info = self.refit_codebooks()
+        self._refit_epoch = self.current_epoch
+        reseeded = sum(info.values())
+        log.info(f"tokenizer: k-means codebooks fitted ({when}, epoch {self.current_epoch}); "
+                 f"{int(reseeded)} dead codes re-seeded")
+
+    def on_train_start(self) -> None:
+        if not bool(self.quantizer.initialized):  # fresh run (a resumed one restores its codebooks)
+            self._refit("initialisation")
+            self._refit_epoch = -1
+
+    def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
+        # re-fit at the end of each training epoch, *before* validation and checkpointing see the codebooks
+        if (self.hparams.codebook_update == "refit" and self.trainer.state.fn == "fit"
+                and not self.trainer.sanity_checking and self._refit_epoch != self.current_epoch):
+            self._refit("epoch end")
+
+    def on_train_epoch_end(self) -> None:
+        if self.hparams.codebook_update == "refit" and self._refit_epoch != self.current_epoch:
+            self._refit("epoch end, no validation")  # epochs without validation still re-fit
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+    def rank_gallery(self, stage: str, embeddings: np.ndarray, eval_set) -> RetrievalReport:
+        """Quantized-feature retrieval is the reported one (``R@1``); the raw feature's is ``raw_R@1``."""
+        dim = embeddings.shape[1] // 2
+        q, g = eval_set.query_mask, eval_set.gallery_mask
+        reports = {}
+        for name, part in (("raw", embeddings[:, :dim]), ("quantized", embeddings[:, dim:])):
+            reports[name] = evaluate_embeddings(part[q], part[g], eval_set.labels[q], eval_set.labels[g],
+                                                exclude=eval_set.self_exclusion(), ks=self.eval_ks, normalize=True)
+        report = reports["quantized"]
+        report.metrics = {**report.metrics, **{f"raw_{k}": v for k, v in reports["raw"].metrics.items()}}
+        return report
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        head = list(self.proj.parameters()) + list(self.classifier.parameters())
+        groups = [{"params": self.encoder.parameters(), "lr": hp.lr * hp.encoder_lr_scale},
+                  {"params": head, "lr": hp.lr}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        max_epochs = max(1, self.trainer.max_epochs or 1)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+@torch.no_grad()
+def encode_records(model: IRGenTokenizer, datamodule, batch_size: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(identifiers int64 [N, D], features float32 [N, dim]) of EVERY record, in `datamodule.records` order.
+
+    Uses the evaluation transform, so identifiers are a deterministic function of the checkpoint.
+    """
+    datamodule.setup()
+    ids = np.arange(len(datamodule.records))
+    labels = np.array([r.label for r in datamodule.records], dtype=np.int64)
+    dataset = RecordDataset(datamodule, ids, labels, datamodule.eval_transform())
+    loader = DataLoader(dataset, batch_size=batch_size or datamodule.eval_batch_size, shuffle=False,
+                        num_workers=datamodule.num_workers)
+    was_training = model.training
+    model.eval()
+    codes, feats = [], []
+    for batch in loader:
+        z = model.features(batch["image"].to(model.device))
+        codes.append(model.quantizer.encode(z).cpu())
+        feats.append(z.float().cpu())
+    model.train(was_training)
+    return torch.cat(codes), torch.cat(feats)
