@@ -20,10 +20,13 @@ buffer of the module, so a checkpoint evaluates without the artifact.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from irgen.beam_search import beam_search
 from irgen.decoder import DecoderConfig, IdentifierDecoder
@@ -32,6 +35,10 @@ from irgen.ranking import expand_identifiers, rank_identifiers, score_all_identi
 from irgen.trie import IdentifierTrie, validate_codes
 from irlab.module import RetrievalModule
 from irlab.retrieval import RetrievalReport, evaluate_rankings
+
+
+def _plain(x):
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
 
 
 def draw_same_class(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -48,11 +55,10 @@ def draw_same_class(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
 class IRGenGenerator(RetrievalModule):
     def __init__(
         self,
-        code_depth: int,
-        codebook_size: int,
-        arch: str = "vit_tiny",
-        image_size: int = 224,
-        pretrained: bool | str = False,
+        code_depth: int | None = None,
+        codebook_size: int | None = None,
+        encoder: Mapping | None = None,
+        encoder_init: str | None = None,
         width: int = 768,
         layers: int = 12,
         heads: int = 12,
@@ -65,18 +71,26 @@ class IRGenGenerator(RetrievalModule):
         min_lr_ratio: float = 0.0,
         label_smoothing: float = 0.1,
         beam_size: int = 30,
-        eval_ks: tuple[int, ...] = (1, 10, 20, 30),
+        eval_ks: Sequence[int] = (1, 10, 20, 30),
         max_rank: int = 100,
         exhaustive: bool = False,
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if code_depth is None or codebook_size is None:
+            raise ValueError("code_depth and codebook_size must be the identifier artifact's D and K: irgen.pipeline "
+                             "fills them from the artifact; when building the generator yourself, pass them")
+        encoder = dict(_plain(encoder) or {})  # plain containers: checkpoints stay loadable with weights_only=True
+        eval_ks = [int(k) for k in _plain(eval_ks)]
         self.save_hyperparameters()
-        self.encoder = build_encoder(arch, image_size, pretrained)
+        self.encoder = build_encoder(encoder.get("arch", "vit_tiny"), encoder.get("image_size", 224),
+                                     encoder.get("pretrained", False))
         self.decoder = IdentifierDecoder(DecoderConfig(
             depth_levels=code_depth, codebook_size=codebook_size, width=width, layers=layers, heads=heads,
             mlp_ratio=mlp_ratio, dropout=dropout, memory_dim=self.encoder.dim,
         ))
+        if encoder_lr_scale == 0:  # frozen encoder (e.g. the tokenizer's): no backward through it, much faster
+            self.encoder.requires_grad_(False)
         self.eval_ks = tuple(int(k) for k in eval_ks)
         self.register_buffer("codes", torch.empty(0, code_depth, dtype=torch.long))
         self._targets: torch.Tensor | None = None
@@ -93,6 +107,21 @@ class IRGenGenerator(RetrievalModule):
             raise ValueError(f"identifiers have {arr.shape[1]} levels but the generator was built for "
                              f"code_depth={self.hparams.code_depth}; build it from the artifact's shape")
         self.codes = torch.from_numpy(arr).to(self.codes.device)
+
+    def load_encoder_weights(self, path: str | Path) -> None:
+        """Start from another module's trained encoder (``encoder.*`` tensors of a Lightning checkpoint or a
+        plain state dict, e.g. the tokenizer's ``last.ckpt``): safe loading, shapes must match exactly."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        if not encoder_state:
+            raise ValueError(f"{path} holds no 'encoder.*' weights: pass a tokenizer/generator checkpoint")
+        try:
+            self.encoder.load_state_dict(encoder_state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"the encoder in {path} does not fit this generator's encoder "
+                             f"{self.hparams.encoder}: use the tokenizer's encoder settings or encoder_init=null"
+                             f"\n{exc}") from exc
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "codes" in state_dict:  # the buffer's size is the dataset's: adopt the checkpoint's
@@ -120,7 +149,8 @@ class IRGenGenerator(RetrievalModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         targets = self._targets[batch["index"]]  # [B, D]
-        memory = self.encoder(batch["image"])
+        with torch.set_grad_enabled(self.hparams.encoder_lr_scale != 0):
+            memory = self.encoder(batch["image"])
         logits = self.decoder(self.decoder.input_tokens(targets).unsqueeze(1), self.decoder.memory_kv(memory))
         logits = logits.squeeze(1).float()  # [B, D, K]
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=self.hparams.label_smoothing)
@@ -133,6 +163,8 @@ class IRGenGenerator(RetrievalModule):
         groups = []
         for module, lr in ((self.encoder, hp.lr * hp.encoder_lr_scale), (self.decoder, hp.lr)):
             params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                continue
             groups.append({"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": hp.weight_decay})
             groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.95))

@@ -4,6 +4,8 @@ Until the tokenizer artifact exists, identifiers come from a tiny residual k-mea
 enough for digits), built here.
 """
 
+import logging
+
 import lightning as L
 import numpy as np
 import pytest
@@ -35,8 +37,8 @@ def codes() -> np.ndarray:
 
 
 def small_generator(**kw) -> IRGenGenerator:
-    args = dict(code_depth=DEPTH, codebook_size=K, arch="vit_tiny", image_size=32, width=32, layers=1, heads=2,
-                lr=1e-3, encoder_lr_scale=0.01, beam_size=6, eval_ks=(1, 2, 4), max_rank=20, seed=0)
+    args = dict(code_depth=DEPTH, codebook_size=K, encoder={"arch": "vit_tiny", "image_size": 32}, width=32, layers=1,
+                heads=2, lr=1e-3, encoder_lr_scale=0.01, beam_size=6, eval_ks=(1, 2, 4), max_rank=20, seed=0)
     args.update(kw)
     return IRGenGenerator(**args)
 
@@ -117,3 +119,40 @@ def test_bad_identifiers_are_clear_errors(codes):
     dm = DigitsDataModule(protocol="closed_set", batch_size=32, seed=0)
     with pytest.raises(RuntimeError, match="set_identifiers"):
         trainer(limit_val_batches=1).validate(model, datamodule=dm)
+
+
+PIPELINE_FAST = [
+    "experiment=digits_irgen", "trainer.accelerator=cpu", "trainer.max_epochs=1", "++trainer.limit_train_batches=2",
+    "callbacks.model_summary=null", "irgen.tokenizer.num_codes=8", "irgen.tokenizer.kmeans_niter=5",
+    "irgen.generator.width=32", "irgen.generator.layers=1", "irgen.generator.heads=2",
+    "irgen.stage_trainer.generator.max_epochs=1", "irgen.stage_trainer.generator.check_val_every_n_epoch=1",
+]
+
+
+def test_pipeline_generator_stage_trains_reuses_and_refuses_stale_outputs(tmp_path, caplog):
+    from irgen.artifact import StaleArtifactError
+    from irgen.pipeline import run
+    from tests.helpers import compose_config
+
+    metrics = run(compose_config(PIPELINE_FAST, output_dir=tmp_path / "a"))
+    for key in ("test/R@1", "test/knn/R@1", "test/P@8_irgen", "val/R@1", "tokenizer/val/R@1"):
+        assert 0 <= metrics[key] <= 1, key
+    gen_dir = tmp_path / "a" / "logs" / "irgen_artifacts" / "digits_closed_set" / "generator"
+    assert (gen_dir / "done.json").is_file() and (gen_dir / "last.ckpt").is_file()
+
+    # a second run reuses the trained generator: no training, evaluation with the new beam size
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="irgen.pipeline")
+    cfg = compose_config(PIPELINE_FAST + ["irgen.stage=generator", "irgen.generator.beam_size=2"],
+                         output_dir=tmp_path / "b")
+    cfg.paths.log_dir = str(tmp_path / "a" / "logs")
+    again = run(cfg)
+    assert "reusing the trained generator" in caplog.text
+    assert "train/loss" not in again and 0 <= again["test/R@1"] <= 1
+
+    # another generator config over the same folder is refused with the command that retrains it
+    cfg = compose_config(PIPELINE_FAST + ["irgen.stage=generator", "irgen.generator.layers=2"],
+                         output_dir=tmp_path / "c")
+    cfg.paths.log_dir = str(tmp_path / "a" / "logs")
+    with pytest.raises(StaleArtifactError, match=r"irgen.stage=generator irgen.rebuild=true"):
+        run(cfg)
