@@ -29,7 +29,10 @@ class ImageReadError(OSError):
 
 
 def open_rgb(path: str | Path, bbox: Sequence[float] | None = None) -> Image.Image:
-    """Open any image as RGB (some benchmark files are grayscale or CMYK, or PNGs named .jpg), cropped to bbox."""
+    """Open any image as RGB (some benchmark files are grayscale or CMYK, or PNGs named .jpg), cropped to bbox.
+
+    A box reaching outside the image is clamped to it (keeping at least 1 px), so readers store boxes as given.
+    """
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")

@@ -24,6 +24,7 @@ code and tensors, never arbitrary pickled Python objects) and only its tensors a
 from __future__ import annotations
 
 import math
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,9 @@ def read_clip_visual(path: str | Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}. Download e.g. {CLIP_URLS['clip_vit_b_16']} "
                                 f"and set model.encoder.pretrained=/path/to/ViT-B-16.pt")
     if _is_torchscript(path):
-        state = {k: v for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+        with warnings.catch_warnings():  # torch.jit is deprecated but remains the only reader of these archives
+            warnings.simplefilter("ignore", FutureWarning)
+            state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     else:
         state = load_local_state_dict(path)
     return extract_visual(state, source=str(path))

@@ -143,13 +143,13 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
         return _prefixed(ctx.artifact.meta.get("stats", {}))
 
     tok_dir = ctx.artifact_dir / TOKENIZER_DIR
-    _check_resumable(tok_dir, expected, hint)
     model_cfg = cfg.irgen.tokenizer
     n_train = len(dm.split.train_ids)
     if model_cfg.get("kmeans_max_points"):
         n_train = min(n_train, int(model_cfg.kmeans_max_points))
     num_codes = effective_num_codes(int(model_cfg.num_codes), n_train, int(model_cfg.get("min_points_per_code", 4)))
     model = build_model(model_cfg, dm, num_codes=num_codes)
+    _check_resumable(tok_dir, expected, hint)
     trainer = build_stage_trainer(cfg, "tokenizer", tok_dir)
     log_hyperparameters(trainer, cfg, model, dm)
     last = tok_dir / "last.ckpt"
@@ -182,13 +182,14 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
 def _check_resumable(tok_dir: Path, expected: dict[str, Any], hint: str) -> None:
     """An interrupted tokenizer run may only be resumed by a run with the same data and config."""
     signature = tok_dir / "signature.json"
-    if signature.is_file():
+    if signature.is_file() and (tok_dir / "last.ckpt").is_file():  # only a checkpoint is worth protecting
         found = json.loads(signature.read_text())
         if found != json.loads(json.dumps(expected, sort_keys=True)):
             raise StaleArtifactError(f"{tok_dir} holds an interrupted tokenizer run with another dataset or config "
                                      f"({signature}); it cannot be resumed. Rebuild: {hint}")
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    signature.write_text(json.dumps(expected, indent=2, sort_keys=True))
+    if rank_zero_only.rank == 0:
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        signature.write_text(json.dumps(expected, indent=2, sort_keys=True))
 
 
 def write_stats(path: Path, stats: dict[str, float], meta: dict[str, Any]) -> Path:

@@ -34,7 +34,7 @@ def nearest_code(residual: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.
 
 
 class ResidualQuantizer(nn.Module):
-    def __init__(self, num_levels: int = 4, num_codes: int = 256, dim: int = 768, ema_decay: float = 0.99,
+    def __init__(self, num_levels: int = 4, num_codes: int = 256, dim: int = 768, ema_decay: float = 0.9,
                  eps: float = 1e-5) -> None:
         super().__init__()
         if num_levels < 1 or num_codes < 2:
@@ -107,7 +107,7 @@ class ResidualQuantizer(nn.Module):
 
     # ---- EMA updates ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def ema_update(self, x: torch.Tensor, codes: torch.Tensor, dead_threshold: float = 0.03) -> int:
+    def ema_update(self, x: torch.Tensor, codes: torch.Tensor, dead_threshold: float = 0.1) -> int:
         """One EMA step from features `x` [B, dim] and their codes; returns the number of re-seeded codes.
 
         A code is dead when its EMA frequency falls below ``dead_threshold / K`` (that fraction of uniform

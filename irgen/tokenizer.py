@@ -1,11 +1,12 @@
 """IRGen's semantic image tokenizer: an image encoder whose global feature is residual-quantized.
 
-Training (IRGen, arXiv 2303.10126, Sec. 3.1): a cosine classifier is applied to the raw feature and to every
+Training (IRGen, arXiv 2303.10126): a cosine classifier is applied to the raw feature and to every
 partial reconstruction (sum of the first d codewords, d = 1..D), plus a commitment term pulling the feature
 towards its reconstructions; gradients reach the encoder through the straight-through estimator. The loss on
 partial reconstructions is what makes short prefixes already class-discriminative, i.e. decodable
 coarse-to-fine. Codebooks are k-means-initialised and then re-fitted every epoch (``codebook_update=refit``)
-or EMA-tracked (``ema``); see `irgen.quantizer`.
+or EMA-tracked (``ema``); see `irgen.quantizer`. ``refit`` is the default: on the embedded dataset it gave
+quantized R@1 0.50 vs 0.39 for the best EMA setting, mean of 3 seeds (numbers in conf/model/irgen_tokenizer.yaml).
 
 Validation logs retrieval with the quantized feature as ``val/R@1`` (reconstruction cosine) and with the raw
 feature as ``val/raw_R@1``, so checkpoint selection looks at what the identifiers can do.
@@ -51,8 +52,8 @@ class IRGenTokenizer(RetrievalModule):
         num_levels: int = 4,
         num_codes: int = 256,
         codebook_update: str = "refit",
-        ema_decay: float = 0.99,
-        dead_code_threshold: float = 0.03,
+        ema_decay: float = 0.9,
+        dead_code_threshold: float = 0.1,
         kmeans_niter: int = 20,
         kmeans_max_points: int | None = None,
         min_points_per_code: int = 4,

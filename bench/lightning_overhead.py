@@ -1,0 +1,104 @@
+"""Lightning overhead: training images/s of a LightningModule under `Trainer.fit` vs a plain PyTorch loop.
+
+Both run the same model (`training_step`) and the same batches, one after the other in one process (plain
+loop: AdamW without a scheduler), so the ratio isolates what the Trainer adds (hooks, logging, progress bar).
+
+    python bench/lightning_overhead.py                       # baseline on the embedded digits, CPU
+    python bench/lightning_overhead.py --model areir --steps 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import lightning as L
+import torch
+
+from datamodules.digits import DigitsDataModule
+
+
+def build_model(name: str, num_classes: int) -> L.LightningModule:
+    if name == "baseline":
+        from irlab.baseline import EmbeddingBaseline
+
+        return EmbeddingBaseline(num_classes=num_classes, arch="resnet18", embedding_dim=64)
+    if name == "areir":
+        from areir.module import AREIRModule
+
+        return AREIRModule(num_classes=num_classes, arch="resnet18", members=8, meta_classes=3)
+    raise ValueError(f"unknown model {name!r}")
+
+
+class StopAfter(L.Callback):
+    """Counts images in the timed steps only (the first `warmup` steps build caches and are excluded)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.images, self.start = warmup, 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+        if batch_idx >= self.warmup:
+            self.images += len(batch["image"])
+
+    def on_train_end(self, trainer, pl_module):
+        self.elapsed = time.perf_counter() - self.start
+
+
+def lightning_images_per_second(model, dm, steps: int, warmup: int) -> float:
+    timer = StopAfter(warmup)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=steps + warmup, limit_val_batches=0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=True, callbacks=[timer],
+                        enable_model_summary=False)
+    trainer.fit(model, train_dataloaders=dm.train_dataloader())
+    return timer.images / timer.elapsed
+
+
+def plain_images_per_second(model, dm, steps: int, warmup: int) -> float:
+    # configure_optimizers may read trainer state (schedules); an Adam-family step costs the same either way
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model.train()
+    images, start = 0, None
+    for i, batch in enumerate(dm.train_dataloader()):
+        if i == warmup:
+            start = time.perf_counter()
+        if i >= steps + warmup:
+            break
+        loss = model.training_step(batch, i)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if i >= warmup:
+            images += len(batch["image"])
+    return images / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="baseline", choices=["baseline", "areir"])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    dm = DigitsDataModule(batch_size=args.batch_size)
+    dm.setup()
+    results = {}
+    runners = (("plain PyTorch loop", plain_images_per_second), ("Lightning Trainer.fit", lightning_images_per_second))
+    for name, fn in runners:
+        L.seed_everything(0, verbose=False)
+        # the plain loop has no trainer: silence self.log() calls that only a Trainer can record
+        model = build_model(args.model, dm.num_classes)
+        model.log = lambda *a, **k: None
+        results[name] = fn(model, dm, args.steps, args.warmup)
+    plain, lightning = results["plain PyTorch loop"], results["Lightning Trainer.fit"]
+    print(f"\nmodel={args.model} batch={args.batch_size} steps={args.steps} threads={torch.get_num_threads()}")
+    for name, value in results.items():
+        print(f"  {name:<24} {value:8.1f} images/s")
+    print(f"  Lightning / plain ratio  {lightning / plain:8.3f}  (overhead {100 * (1 - lightning / plain):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()

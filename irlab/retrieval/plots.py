@@ -1,0 +1,104 @@
+"""PNG figures for retrieval reports (precision-recall curve, query/neighbour grid).
+
+Figures are built with ``matplotlib.figure.Figure`` + the Agg canvas directly instead of ``pyplot``: no global
+backend switch, no figure registry to leak, safe inside training processes and on headless machines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from irlab.retrieval.metrics import as_numpy
+
+__all__ = ["plot_pr_curve", "plot_retrieval_grid"]
+
+_CORRECT, _WRONG = "#1a9850", "#d73027"
+
+
+def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
+
+
+def plot_pr_curve(pr_curve: dict[str, Any], path: str | Path, title: str = "") -> Path:
+    """Precision (y) against recall (x) from ``RetrievalReport.pr_curve``; one marker per rank."""
+    recall = as_numpy(pr_curve["recall"], np.float64).reshape(-1)
+    precision = as_numpy(pr_curve["precision"], np.float64).reshape(-1)
+    if recall.shape != precision.shape:
+        raise ValueError(f"recall {recall.shape} and precision {precision.shape} differ in length")
+    fig = Figure(figsize=(4.5, 4.0))
+    ax = fig.add_subplot()
+    ax.plot(recall, precision, marker="o", markersize=3, linewidth=1.5)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(0.0, 1.02)
+    ax.grid(True, alpha=0.3)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    return _save(fig, path, dpi=120)
+
+
+def _as_image(img: Any) -> np.ndarray:
+    arr = as_numpy(img)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):  # CHW tensor -> HWC
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"expected an HxWx3 (or HxW) image, got shape {arr.shape}")
+    return arr
+
+
+def plot_retrieval_grid(
+    query_images: Sequence[Any],
+    neighbor_images: Sequence[Sequence[Any]],
+    correct: Sequence[Sequence[bool]],
+    scores: Sequence[Sequence[float]],
+    path: str | Path,
+    *,
+    thumb_inches: float = 1.3,
+) -> Path:
+    """One PNG, a row per query: the query, then its top-K neighbours framed green (correct) or red (wrong)
+    with the score above each. Rows may have different K (shorter rows are left blank)."""
+    n_rows = len(query_images)
+    if not (len(neighbor_images) == len(correct) == len(scores) == n_rows):
+        raise ValueError("query_images, neighbor_images, correct and scores need one entry per query")
+    if n_rows == 0:
+        raise ValueError("nothing to plot: no queries")
+    n_cols = 1 + max((len(r) for r in neighbor_images), default=0)
+    fig = Figure(figsize=(thumb_inches * n_cols, thumb_inches * 1.15 * n_rows))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
+    for r in range(n_rows):
+        if not (len(neighbor_images[r]) == len(correct[r]) == len(scores[r])):
+            raise ValueError(f"row {r}: neighbor_images, correct and scores differ in length")
+        cells: list[tuple[Any, str, str | None]] = [(query_images[r], "query", "#333333")]
+        cells += [
+            (img, f"{float(s):.3f}", _CORRECT if ok else _WRONG)
+            for img, ok, s in zip(neighbor_images[r], correct[r], scores[r], strict=True)
+        ]
+        for c, ax in enumerate(axes[r]):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c >= len(cells):
+                ax.set_axis_off()
+                continue
+            img, text, color = cells[c]
+            arr = _as_image(img)
+            ax.imshow(arr, cmap="gray" if arr.ndim == 2 else None)
+            ax.set_title(text, fontsize=8, color=color)
+            for spine in ax.spines.values():
+                spine.set_edgecolor(color)
+                spine.set_linewidth(3 if c else 1.5)
+    fig.tight_layout(pad=0.3)
+    return _save(fig, path, dpi=100)

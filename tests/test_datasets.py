@@ -1,0 +1,482 @@
+"""Benchmark readers on tiny fake copies of the official downloads: layouts, labels, splits, boxes, errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from datamodules import (
+    AnnotationError,
+    CarsDataModule,
+    CUBDataModule,
+    DatasetLayoutError,
+    InShopDataModule,
+    SOPDataModule,
+)
+from tests.fixtures.fake_datasets import (
+    CUB_TOP,
+    GRAY_RECORD,
+    INSHOP_TOP,
+    PNG_RECORD,
+    SOP_TOP,
+    WIDE_BOX,
+    WIDE_RECORD,
+    _save_structs,
+    inshop_item_id,
+    make_fake_cars,
+    make_fake_cub,
+    make_fake_inshop,
+    make_fake_sop,
+)
+from tests.helpers import compose_config
+
+SMALL = {"image_size": 32, "batch_size": 4, "eval_batch_size": 8, "num_workers": 0}
+
+
+def loaded(cls, root: Path, **kwargs):
+    dm = cls(root=str(root), **{**SMALL, **kwargs})
+    dm.setup()
+    return dm
+
+
+def labels_of(dm) -> list[int]:
+    return [r.label for r in dm.records]
+
+
+def splits_of(dm) -> list[str]:
+    return [r.split for r in dm.records]
+
+
+def replace_line(path: Path, line_number: int, text: str) -> None:
+    lines = path.read_text().splitlines()
+    lines[line_number - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ---- behaviour every dataset shares ------------------------------------------------------------------------
+ALL = {
+    "cub": (CUBDataModule, make_fake_cub, {}),
+    "car": (CarsDataModule, make_fake_cars, {}),
+    "car-devkit": (CarsDataModule, make_fake_cars, {"form": "devkit"}),
+    "sop": (SOPDataModule, make_fake_sop, {}),
+    "isc": (InShopDataModule, make_fake_inshop, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_train_batch_is_rgb_with_contiguous_labels(tmp_path, name):
+    cls, make, kwargs = ALL[name]
+    dm = loaded(cls, make(tmp_path / "d", **kwargs))
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["image"].dtype == torch.float32
+    assert set(batch["label"].tolist()) <= set(range(dm.num_classes))
+    test_batch = next(iter(dm.test_dataloader()))
+    assert test_batch["image"].shape[1:] == (3, 32, 32)
+
+
+@pytest.mark.parametrize("name", list(ALL))
+def test_grayscale_and_png_named_jpg_load_as_rgb(tmp_path, name):
+    cls, make, kwargs = ALL[name]
+    dm = loaded(cls, make(tmp_path / "d", **kwargs))
+    with Image.open(dm.records[GRAY_RECORD].path) as raw:
+        assert raw.mode == "L"
+    with Image.open(dm.records[PNG_RECORD].path) as raw:
+        assert raw.format == "PNG" and dm.records[PNG_RECORD].path.lower().endswith(".jpg")
+    for record_id in (GRAY_RECORD, PNG_RECORD):
+        assert dm.load_image(record_id).mode == "RGB"
+    position = int(np.flatnonzero(dm.split.train_ids == GRAY_RECORD)[0])
+    assert dm.train_dataset()[position]["image"].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("name", ["cub", "car", "sop", "isc"])
+def test_missing_root_names_expected_files_and_download_page(tmp_path, name):
+    cls = ALL[name][0]
+    with pytest.raises(DatasetLayoutError) as err:
+        loaded(cls, tmp_path / "nowhere")
+    message = str(err.value)
+    assert (
+        "does not exist" in message and cls.url.split()[0] in message and str(tmp_path / "nowhere") in message
+    )
+
+
+@pytest.mark.parametrize("name", ["cub", "car", "sop", "isc"])
+def test_empty_root_is_a_layout_error(tmp_path, name):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match="found none"):
+        loaded(ALL[name][0], tmp_path / "empty")
+
+
+def test_default_root_is_data_dir_slash_name(fake_data_dir):
+    for cls in (CUBDataModule, CarsDataModule, SOPDataModule, InShopDataModule):
+        dm = cls(data_dir=str(fake_data_dir), **SMALL)
+        dm.setup()
+        assert dm.root == fake_data_dir / cls.name and len(dm.records) == 12
+
+
+@pytest.mark.parametrize("name", ["cub", "car", "sop", "isc"])
+def test_hydra_config_composes_and_instantiates(fake_data_dir, tmp_path, name):
+    overrides = [f"dataset={name}", f"paths.data_dir={fake_data_dir}", "seed=3", "protocol=closed_set",
+                 "dataset.image_size=32", "dataset.resize_size=36", "dataset.num_workers=0"]  # fmt: skip
+    cfg = compose_config(overrides, output_dir=tmp_path)
+    dm = instantiate(cfg.dataset)
+    assert dm.name == name and dm.seed == 3 and dm.crop is False and dm.protocol == "closed_set"
+    assert dm.root == fake_data_dir / name
+    if name == "sop":  # SOP's official splits have disjoint classes: closed-set is refused, zero-shot works
+        with pytest.raises(ValueError, match="closed_set"):
+            dm.setup()
+        dm.protocol = "zero_shot"
+    dm.setup()
+    assert len(dm.records) == 12
+
+
+def test_unknown_top_folder_name_is_found_when_it_is_the_only_one(tmp_path):
+    make_fake_sop(tmp_path / "x", top_folder=True)
+    (tmp_path / "x" / SOP_TOP).rename(tmp_path / "x" / "SOP_v1")
+    assert len(loaded(SOPDataModule, tmp_path / "x").records) == 12
+    make_fake_sop(tmp_path / "x" / "SOP_v2", top_folder=False)
+    with pytest.raises(DatasetLayoutError, match="several subfolders"):
+        loaded(SOPDataModule, tmp_path / "x")
+
+
+# ---- CUB-200-2011 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("top_folder", [True, False])
+def test_cub_reads_both_layouts(tmp_path, top_folder):
+    dm = loaded(CUBDataModule, make_fake_cub(tmp_path / "cub", top_folder=top_folder))
+    assert labels_of(dm) == [c for c in (1, 2, 3, 4) for _ in range(3)]
+    assert splits_of(dm) == ["train", "train", "test"] * 4
+    assert dm.records[0].bbox == (1.5, 2.0, 21.5, 17.0)  # x y w h -> x1 y1 x1+w y1+h
+    assert dm.records[1].bbox == (2.5, 2.0, 22.5, 17.0)
+    assert all(Path(r.path).is_file() for r in dm.records)
+
+
+def test_cub_zero_shot_trains_on_first_half_of_class_ids(fake_cub):
+    dm = loaded(CUBDataModule, fake_cub)
+    assert dm.split.train_classes.tolist() == [1, 2] and dm.num_classes == 2
+    assert sorted(set(dm.split.test.labels.tolist())) == [3, 4]
+    assert dm.split.test.query_mask.all() and dm.split.test.gallery_mask.all()
+    assert dm.train_labels.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_cub_closed_set_uses_the_official_split(fake_cub):
+    dm = loaded(CUBDataModule, fake_cub, protocol="closed_set")
+    assert dm.split.train_ids.tolist() == [i for i in range(12) if i % 3 != 2]
+    test = dm.split.test
+    assert test.record_ids[test.query_mask].tolist() == [2, 5, 8, 11]
+    assert test.record_ids[test.gallery_mask].tolist() == dm.split.train_ids.tolist()
+    assert dm.num_classes == 4
+
+
+def test_cub_crop_uses_box_and_clamps_it_to_the_image(fake_cub):
+    dm = loaded(CUBDataModule, fake_cub, crop=True)
+    assert dm.load_image(0).size == (21, 15)  # (1.5, 2, 21.5, 17): x1 floored, x2 rounded
+    assert dm.records[9].bbox == (1.5, 2.0, 51.5, 17.0)  # wider than the 40 px image
+    assert dm.load_image(9).size == (39, 15)
+
+
+def test_cub_without_boxes_loads_but_cannot_crop(fake_cub):
+    (fake_cub / CUB_TOP / "bounding_boxes.txt").unlink()
+    assert all(r.bbox is None for r in loaded(CUBDataModule, fake_cub).records)
+    with pytest.raises(DatasetLayoutError, match="bounding_boxes.txt"):
+        loaded(CUBDataModule, fake_cub, crop=True)
+
+
+@pytest.mark.parametrize("missing", ["images.txt", "image_class_labels.txt", "train_test_split.txt"])
+def test_cub_missing_annotation_file(fake_cub, missing):
+    (fake_cub / CUB_TOP / missing).unlink()
+    with pytest.raises(DatasetLayoutError) as err:
+        loaded(CUBDataModule, fake_cub)
+    assert missing in str(err.value) and CUBDataModule.url in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "text", "match"),
+    [
+        ("image_class_labels.txt", 3, "3 three", "class id must be an integer"),
+        ("image_class_labels.txt", 4, "4", "expected 2 columns"),
+        ("images.txt", 2, "x 002.Species_1/a.jpg", "image id must be an integer"),
+        ("train_test_split.txt", 5, "5 2", "split flag"),
+        ("bounding_boxes.txt", 6, "6 1.0 2.0 w 4.0", "box coordinate"),
+        ("image_class_labels.txt", 7, "6 3", "image id 6 already on line 6"),
+    ],
+)
+def test_cub_malformed_line_names_file_and_line(fake_cub, file, line, text, match):
+    replace_line(fake_cub / CUB_TOP / file, line, text)
+    with pytest.raises(AnnotationError, match=match) as err:
+        loaded(CUBDataModule, fake_cub)
+    assert f"{file}:{line}:" in str(err.value)
+
+
+def test_cub_missing_image_names_the_annotation_line(fake_cub):
+    dm = loaded(CUBDataModule, fake_cub)
+    Path(dm.records[4].path).unlink()
+    with pytest.raises(AnnotationError, match="does not exist") as err:
+        loaded(CUBDataModule, fake_cub)
+    assert "images.txt:5:" in str(err.value) and Path(dm.records[4].path).name in str(err.value)
+
+
+def test_cub_inconsistent_ids_between_files(fake_cub):
+    split_file = fake_cub / CUB_TOP / "train_test_split.txt"
+    split_file.write_text("".join(split_file.read_text().splitlines(keepends=True)[:-1]) + "99 1\n")
+    with pytest.raises(AnnotationError) as err:
+        loaded(CUBDataModule, fake_cub)
+    message = str(err.value)
+    assert "train_test_split.txt" in message and "[12]" in message and "[99]" in message
+
+
+# ---- CARS196 -----------------------------------------------------------------------------------------------
+CARS_FORMS = {
+    "annos": {},
+    "annos-top": {"top_folder": "stanford_cars"},
+    "devkit": {"form": "devkit"},
+    "devkit-top": {"form": "devkit", "top_folder": "stanford_cars"},
+    "devkit-labels-in-devkit": {"form": "devkit", "labels_in_devkit": True},
+    "devkit-kaggle-nesting": {"form": "devkit", "nested": True},
+}
+
+
+@pytest.mark.parametrize("form", list(CARS_FORMS))
+def test_cars_reads_every_form(tmp_path, form):
+    kwargs = CARS_FORMS[form]
+    dm = loaded(CarsDataModule, make_fake_cars(tmp_path / "car", **kwargs))
+    assert len(dm.records) == 12
+    assert sorted(labels_of(dm)) == [c for c in (1, 2, 3, 4) for _ in range(3)]
+    assert splits_of(dm).count("train") == 8 and splits_of(dm).count("test") == 4
+    assert {r.label for r in dm.records if r.split == "test"} == {1, 2, 3, 4}
+    assert dm.records[0].bbox == (1.0, 2.0, 37.0, 28.0)
+    assert all(isinstance(v, float) for v in dm.records[0].bbox)
+    if kwargs.get("form") == "devkit":  # train and test files both start at 00001.jpg, in their own folders
+        assert Path(dm.records[0].path).name == Path(dm.records[8].path).name == "00001.jpg"
+        assert Path(dm.records[8].path).parent.name == "cars_test"
+
+
+def test_cars_fixture_stores_small_integers_as_matlab_did(fake_cars):
+    entries = scipy.io.loadmat(str(fake_cars / "cars_annos.mat"))["annotations"][0]
+    assert entries[0]["bbox_x1"].dtype == np.uint8 and entries[0]["class"].dtype == np.uint8
+    assert entries[WIDE_RECORD]["bbox_x1"].dtype == np.uint8
+    assert entries[WIDE_RECORD]["bbox_x2"].dtype == np.uint16
+
+
+@pytest.mark.parametrize("form", ["annos", "devkit"])
+def test_cars_mixed_uint8_uint16_box_is_exact_and_crops(tmp_path, form):
+    dm = loaded(CarsDataModule, make_fake_cars(tmp_path / "car", form=form), crop=True)
+    assert dm.records[WIDE_RECORD].bbox == tuple(float(v) for v in WIDE_BOX)
+    x1, y1, x2, y2 = WIDE_BOX
+    assert dm.load_image(WIDE_RECORD).size == (x2 - x1, y2 - y1)
+
+
+def test_cars_zero_shot_and_closed_set(fake_cars):
+    dm = loaded(CarsDataModule, fake_cars)
+    assert dm.split.train_classes.tolist() == [1, 2]
+    assert sorted(set(dm.split.test.labels.tolist())) == [3, 4]
+    closed = loaded(CarsDataModule, fake_cars, protocol="closed_set")
+    test = closed.split.test
+    assert test.record_ids[test.query_mask].tolist() == [2, 5, 8, 11]
+    assert closed.num_classes == 4
+
+
+def test_cars_all_images_form_without_car_ims(fake_cars):
+    shutil.rmtree(fake_cars / "car_ims")
+    with pytest.raises(DatasetLayoutError, match="car_ims"):
+        loaded(CarsDataModule, fake_cars)
+
+
+def test_cars_devkit_without_labelled_test_annotations(fake_cars_devkit):
+    (fake_cars_devkit / "cars_test_annos_withlabels.mat").unlink()
+    with pytest.raises(DatasetLayoutError, match="cars_test_annos_withlabels.mat"):
+        loaded(CarsDataModule, fake_cars_devkit)
+
+
+def test_cars_devkit_without_image_folder(fake_cars_devkit):
+    shutil.rmtree(fake_cars_devkit / "cars_test")
+    with pytest.raises(DatasetLayoutError, match="cars_test/"):
+        loaded(CarsDataModule, fake_cars_devkit)
+
+
+@pytest.mark.parametrize("form", ["annos", "devkit"])
+def test_cars_missing_image_names_file_and_entry(tmp_path, form):
+    root = make_fake_cars(tmp_path / "car", form=form)
+    dm = loaded(CarsDataModule, root)
+    Path(dm.records[10].path).unlink()
+    with pytest.raises(AnnotationError, match="does not exist") as err:
+        loaded(CarsDataModule, root)
+    # record 10 is entry 11 of cars_annos.mat, or entry 3 of the test file (8 train images come first)
+    where = (
+        "cars_annos.mat: annotations entry 11" if form == "annos" else "withlabels.mat: annotations entry 3"
+    )
+    assert where in str(err.value)
+
+
+def _cars_rows(n: int = 2) -> list[dict]:
+    return [
+        {"relative_im_path": f"car_ims/{i:06d}.jpg", "bbox_x1": 1, "bbox_y1": 1, "bbox_x2": 9, "bbox_y2": 9,
+         "class": 1, "test": 0}
+        for i in range(1, n + 1)
+    ]  # fmt: skip
+
+
+def test_cars_malformed_entry_names_file_and_entry(fake_cars):
+    rows = _cars_rows()
+    rows[1]["class"] = "seven"
+    _save_structs(fake_cars / "cars_annos.mat", rows)
+    with pytest.raises(
+        AnnotationError, match=r"cars_annos.mat: annotations entry 2: class must be an integer"
+    ):
+        loaded(CarsDataModule, fake_cars)
+
+
+def test_cars_missing_field_or_variable(fake_cars):
+    rows = [{k: v for k, v in row.items() if k != "test"} for row in _cars_rows()]
+    _save_structs(fake_cars / "cars_annos.mat", rows)
+    with pytest.raises(AnnotationError, match=r"lacks field\(s\) \['test'\]"):
+        loaded(CarsDataModule, fake_cars)
+    scipy.io.savemat(str(fake_cars / "cars_annos.mat"), {"something_else": np.zeros(3)})
+    with pytest.raises(AnnotationError, match="no variable 'annotations'"):
+        loaded(CarsDataModule, fake_cars)
+
+
+def test_cars_unreadable_mat_file(fake_cars):
+    (fake_cars / "cars_annos.mat").write_bytes(b"not a mat file at all")
+    with pytest.raises(AnnotationError, match="cars_annos.mat"):
+        loaded(CarsDataModule, fake_cars)
+
+
+# ---- Stanford Online Products ------------------------------------------------------------------------------
+@pytest.mark.parametrize("top_folder", [True, False])
+def test_sop_reads_both_layouts_with_official_split(tmp_path, top_folder):
+    dm = loaded(SOPDataModule, make_fake_sop(tmp_path / "sop", top_folder=top_folder))
+    assert labels_of(dm) == [c for c in (1, 2, 3, 4) for _ in range(3)]
+    assert splits_of(dm) == ["train"] * 6 + ["test"] * 6
+    assert all(r.path.endswith(".JPG") and r.bbox is None for r in dm.records)
+    assert dm.split.train_classes.tolist() == [1, 2]
+    test = dm.split.test
+    assert (
+        test.record_ids.tolist() == list(range(6, 12)) and test.query_mask.all() and test.gallery_mask.all()
+    )
+
+
+def test_sop_has_no_closed_set_and_no_boxes(fake_sop):
+    with pytest.raises(ValueError, match="closed_set"):
+        loaded(SOPDataModule, fake_sop, protocol="closed_set")
+    with pytest.raises(ValueError, match="no bounding boxes"):
+        loaded(SOPDataModule, fake_sop, crop=True)
+
+
+def test_sop_missing_annotation_file(fake_sop):
+    (fake_sop / SOP_TOP / "Ebay_test.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match="missing Ebay_test.txt") as err:
+        loaded(SOPDataModule, fake_sop)
+    assert SOPDataModule.url in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("line", "text", "match"),
+    [
+        (1, "image_id class_id path", "expected the header"),
+        (3, "2 1 bicycle_final/x_1.JPG", "expected 4 columns"),
+        (4, "3 one 1 bicycle_final/111085122801_2.JPG", "class_id must be an integer"),
+    ],
+)
+def test_sop_malformed_line(fake_sop, line, text, match):
+    replace_line(fake_sop / SOP_TOP / "Ebay_train.txt", line, text)
+    with pytest.raises(AnnotationError, match=match) as err:
+        loaded(SOPDataModule, fake_sop)
+    assert f"Ebay_train.txt:{line}:" in str(err.value)
+
+
+def test_sop_missing_image(fake_sop):
+    dm = loaded(SOPDataModule, fake_sop)
+    Path(dm.records[7].path).unlink()
+    with pytest.raises(AnnotationError, match="Ebay_test.txt:3: image .* does not exist"):
+        loaded(SOPDataModule, fake_sop)
+
+
+def test_sop_test_classes_must_not_repeat_train_classes(fake_sop):
+    replace_line(fake_sop / SOP_TOP / "Ebay_test.txt", 2, "1 2 3 chair_final/111085122803_0.JPG")
+    with pytest.raises(AnnotationError, match=r"class ids \[2\] also appear"):
+        loaded(SOPDataModule, fake_sop)
+
+
+# ---- In-shop Clothes Retrieval -----------------------------------------------------------------------------
+INSHOP_LAYOUTS = {
+    "official-top": {"top_folder": INSHOP_TOP},
+    "InShop-top": {"top_folder": "InShop"},
+    "contents": {"top_folder": None},
+    "img-at-top": {"top_folder": None, "images_at_top": True},
+}
+ITEMS = [inshop_item_id(k) for k in range(4)]
+
+
+@pytest.mark.parametrize("layout", list(INSHOP_LAYOUTS))
+def test_inshop_reads_every_layout(tmp_path, layout):
+    dm = loaded(InShopDataModule, make_fake_inshop(tmp_path / "isc", **INSHOP_LAYOUTS[layout]))
+    assert labels_of(dm) == [item for item in ITEMS for _ in range(3)]
+    assert splits_of(dm) == ["train"] * 6 + ["query", "gallery", "gallery"] * 2
+    assert dm.records[0].bbox == (2.0, 3.0, 38.0, 29.0)
+    assert "/img/WOMEN/Dresses/id_00000002/" in dm.records[0].path
+
+
+@pytest.mark.parametrize("protocol", ["zero_shot", "closed_set"])
+def test_inshop_query_gallery_split_under_both_protocols(fake_inshop, protocol):
+    dm = loaded(InShopDataModule, fake_inshop, protocol=protocol)
+    assert dm.split.train_ids.tolist() == list(range(6)) and dm.split.train_classes.tolist() == ITEMS[:2]
+    test = dm.split.test
+    assert test.record_ids[test.query_mask].tolist() == [6, 9]
+    assert test.record_ids[test.gallery_mask].tolist() == [7, 8, 10, 11]
+    assert (test.self_exclusion() == -1).all()
+
+
+def test_inshop_boxes_are_optional_unless_cropping(tmp_path):
+    root = make_fake_inshop(tmp_path / "isc", with_boxes=False)
+    assert all(r.bbox is None for r in loaded(InShopDataModule, root).records)
+    with pytest.raises(DatasetLayoutError, match="list_bbox_inshop.txt"):
+        loaded(InShopDataModule, root, crop=True)
+
+
+def test_inshop_crop(fake_inshop):
+    assert loaded(InShopDataModule, fake_inshop, crop=True).load_image(0).size == (36, 26)
+
+
+def test_inshop_missing_partition_or_images(fake_inshop):
+    base = fake_inshop / INSHOP_TOP
+    shutil.rmtree(base / "Img")
+    with pytest.raises(DatasetLayoutError, match="Img/img"):
+        loaded(InShopDataModule, fake_inshop)
+    (base / "Eval" / "list_eval_partition.txt").unlink()
+    with pytest.raises(DatasetLayoutError, match="missing Eval/list_eval_partition.txt"):
+        loaded(InShopDataModule, fake_inshop)
+
+
+@pytest.mark.parametrize(
+    ("file", "line", "text", "match"),
+    [
+        ("Eval/list_eval_partition.txt", 1, "13", "announces 13 rows but has 12"),
+        ("Eval/list_eval_partition.txt", 2, "image_name item_id", "expected the header"),
+        ("Eval/list_eval_partition.txt", 5, "img/WOMEN/Dresses/id_00000002/03_3_front.jpg id_00000002",
+         "columns"),
+        ("Eval/list_eval_partition.txt", 6, "img/MEN/Denim/id_00000009/01_1_front.jpg item9 train",
+         "item_id"),
+        ("Eval/list_eval_partition.txt", 9, "img/WOMEN/Dresses/id_00000016/01_1_front.jpg id_00000016 test",
+         "evaluation_status"),
+        ("Anno/list_bbox_inshop.txt", 4, "img/WOMEN/Dresses/id_00000002/01_1_front.jpg 1 1 2 3 x 29",
+         "box coordinate"),
+    ],
+)  # fmt: skip
+def test_inshop_malformed_line(fake_inshop, file, line, text, match):
+    replace_line(fake_inshop / INSHOP_TOP / file, line, text)
+    with pytest.raises(AnnotationError, match=match) as err:
+        loaded(InShopDataModule, fake_inshop)
+    assert f"{Path(file).name}:{line}:" in str(err.value)
+
+
+def test_inshop_missing_image(fake_inshop):
+    dm = loaded(InShopDataModule, fake_inshop)
+    Path(dm.records[10].path).unlink()
+    with pytest.raises(AnnotationError, match="list_eval_partition.txt:13: image .* does not exist"):
+        loaded(InShopDataModule, fake_inshop)

@@ -1,0 +1,123 @@
+"""The IRGen pipeline as users run it: tokenizer stage from the CLI, then reuse / refusal in-process."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from irgen.artifact import StaleArtifactError, load_artifact
+from irgen.kmeans import TooFewPointsError
+from irgen.pipeline import STAGE_ORDER, STAGES, artifact_expectation, run
+from irlab.train import build_datamodule
+from tests.helpers import REPO, compose_config
+
+# 16 px digits and a capped k-means pass keep the whole CLI run to a few seconds of compute
+FAST = ["experiment=digits_irgen", "irgen.stage=tokenizer", "debug=fast", "trainer.accelerator=cpu",
+        "dataset.image_size=16", "dataset.resize_size=16", "irgen.tokenizer.kmeans_max_points=256"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is much faster than two on a shared, busy CPU (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_tokenizer_stage_cli_then_reuse_then_refuse_stale(tmp_path, caplog):
+    logs = tmp_path / "logs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "train.py", *FAST, f"paths.log_dir={logs}",
+                           f"hydra.run.dir={tmp_path / 'run1'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    art_dir = logs / "irgen_artifacts" / "digits_closed_set"
+    art_path, last = art_dir / "identifiers.pt", art_dir / "tokenizer" / "last.ckpt"
+    assert art_path.is_file() and last.is_file()
+    stats = json.loads((art_dir / "identifier_stats.json").read_text())["metrics"]
+    for key in ("collision_rate", "distinct_identifiers", "perplexity_l0", "usage_l3", "raw_R@1",
+                "quantized_R@1", "prefix_R@1", "images_per_identifier_max"):
+        assert key in stats, key
+    assert 1 <= stats["distinct_identifiers"] <= 1797 and 0 <= stats["collision_rate"] <= 1
+    metrics = json.loads((tmp_path / "run1" / "metrics.json").read_text())["metrics"]
+    assert metrics["tokenizer/quantized_R@1"] == stats["quantized_R@1"] and "val/R@1" in metrics
+
+    # second call, same config (in-process to save a start-up): the artifact is reused, nothing retrains
+    cfg = compose_config(FAST, output_dir=tmp_path)
+    assert cfg.irgen.artifact_dir == str(art_dir)
+    stamp = (art_path.stat().st_mtime_ns, last.stat().st_mtime_ns)
+    with caplog.at_level(logging.INFO, logger="irgen.pipeline"):
+        again = run(cfg)
+    assert "reusing identifier artifact" in caplog.text
+    assert (art_path.stat().st_mtime_ns, last.stat().st_mtime_ns) == stamp
+    assert again["tokenizer/quantized_R@1"] == stats["quantized_R@1"]
+
+    dm = build_datamodule(cfg)
+    artifact = load_artifact(art_path, expected=artifact_expectation(cfg, dm))
+    assert artifact.codes.shape == (len(dm.records), 4) and artifact.codebooks.shape == (4, 16, 128)
+    assert artifact.meta["dataset"]["protocol"] == "closed_set"
+
+    # another tokenizer config must not silently use these identifiers
+    stale = compose_config(FAST + ["irgen.tokenizer.num_codes=8"], output_dir=tmp_path)
+    with pytest.raises(StaleArtifactError, match="num_codes") as err:
+        run(stale)
+    assert "experiment=digits_irgen irgen.stage=tokenizer irgen.rebuild=true" in str(err.value)
+    assert torch.equal(load_artifact(art_path, expected=artifact_expectation(cfg, dm)).codes, artifact.codes)
+
+
+def test_stage_registry_and_unknown_stage(tmp_path):
+    assert STAGE_ORDER[0] == "tokenizer" and "tokenizer" in STAGES
+    cfg = compose_config(FAST[:1] + ["irgen.stage=decoder"], output_dir=tmp_path)
+    with pytest.raises(ValueError, match="irgen.stage"):
+        run(cfg)
+
+
+def test_irgen_experiments_use_the_paper_protocol_and_share_the_tokenizer_config(tmp_path):
+    cfg = compose_config(["experiment=digits_irgen"], output_dir=tmp_path)
+    assert cfg.runner == "irgen.pipeline.run" and cfg.protocol.name == "closed_set"
+    assert cfg.irgen.tokenizer._target_ == "irgen.tokenizer.IRGenTokenizer"
+    assert cfg.irgen.stage == "all" and cfg.irgen.rebuild is False
+    assert cfg.irgen.artifact_dir.endswith("irgen_artifacts/digits_closed_set")
+    zero = compose_config(["experiment=digits_irgen", "protocol=zero_shot"], output_dir=tmp_path)
+    assert zero.irgen.artifact_dir.endswith("irgen_artifacts/digits_zero_shot")
+
+
+def test_tiny_dataset_reduces_codes_or_says_what_to_change(fake_data_dir, tmp_path, caplog):
+    """Fake In-shop: 6 training images for 256 codes per level."""
+    tiny = ["experiment=isc_irgen", "irgen.stage=tokenizer", f"paths.data_dir={fake_data_dir}",
+            "irgen.tokenizer.encoder.arch=vit_tiny", "irgen.tokenizer.encoder.pretrained=false",
+            "dataset.image_size=16", "dataset.resize_size=16", "dataset.num_workers=0", "trainer.max_epochs=1",
+            "trainer.accelerator=cpu"]
+    with pytest.raises(TooFewPointsError, match="min_points_per_code"):
+        run(compose_config(tiny, output_dir=tmp_path))
+    with caplog.at_level(logging.WARNING, logger="irgen.kmeans"):
+        metrics = run(compose_config(tiny + ["irgen.tokenizer.min_points_per_code=1"], output_dir=tmp_path))
+    assert "reducing num_codes to 6" in caplog.text
+    assert metrics["tokenizer/codes_per_level"] == 6 and metrics["tokenizer/images"] == 12
+    artifact = torch.load(tmp_path / "logs" / "irgen_artifacts" / "isc_closed_set" / "identifiers.pt",
+                          weights_only=True)
+    assert artifact["codebooks"].shape[:2] == (4, 6) and artifact["codes"].shape == (12, 4)
+
+    # interrupted after training (artifact never written): the next run resumes from last.ckpt, no retraining,
+    # and encodes the same identifiers; another config may not resume it
+    art_dir = tmp_path / "logs" / "irgen_artifacts" / "isc_closed_set"
+    (art_dir / "identifiers.pt").unlink()
+    stamp = (art_dir / "tokenizer" / "last.ckpt").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="irgen.pipeline"):
+        run(compose_config(tiny + ["irgen.tokenizer.min_points_per_code=1"], output_dir=tmp_path))
+    assert "resuming the interrupted stage" in caplog.text
+    assert (art_dir / "tokenizer" / "last.ckpt").stat().st_mtime_ns == stamp  # finished training: not redone
+    assert torch.equal(torch.load(art_dir / "identifiers.pt", weights_only=True)["codes"], artifact["codes"])
+    (art_dir / "identifiers.pt").unlink()
+    with pytest.raises(StaleArtifactError, match="interrupted tokenizer run"):
+        run(compose_config(tiny + ["irgen.tokenizer.min_points_per_code=1", "seed=3"], output_dir=tmp_path))
