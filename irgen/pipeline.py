@@ -232,7 +232,8 @@ def _generator_rebuild_command(cfg: DictConfig) -> str:
 def _check_generator_dir(gen_dir: Path, expected: dict[str, Any], hint: str) -> None:
     """Outputs in `gen_dir` (finished or interrupted) may only be reused by a run with the same signature."""
     signature = gen_dir / "signature.json"
-    if signature.is_file():
+    worth_protecting = (gen_dir / "last.ckpt").is_file() or (gen_dir / GENERATOR_DONE).is_file()
+    if signature.is_file() and worth_protecting:
         found = json.loads(signature.read_text())
         problems = _signature_differences(json.loads(json.dumps(expected, sort_keys=True)), found)
         if problems:

@@ -13,10 +13,22 @@ import torch
 from sklearn.cluster import KMeans
 
 from datamodules.digits import DigitsDataModule, load_digit_pixels
+from irgen.artifact import StaleArtifactError
 from irgen.generator import IRGenGenerator, draw_same_class
+from irgen.pipeline import run
 from irgen.trie import IdentifierTrie
+from tests.helpers import compose_config
 
 DEPTH, K = 3, 8
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is much faster than two on a shared, busy CPU (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def pixel_rq_codes(depth: int = DEPTH, k: int = K) -> np.ndarray:
@@ -130,10 +142,6 @@ PIPELINE_FAST = [
 
 
 def test_pipeline_generator_stage_trains_reuses_and_refuses_stale_outputs(tmp_path, caplog):
-    from irgen.artifact import StaleArtifactError
-    from irgen.pipeline import run
-    from tests.helpers import compose_config
-
     metrics = run(compose_config(PIPELINE_FAST, output_dir=tmp_path / "a"))
     for key in ("test/R@1", "test/knn/R@1", "test/P@8_irgen", "val/R@1", "tokenizer/val/R@1"):
         assert 0 <= metrics[key] <= 1, key
@@ -156,3 +164,21 @@ def test_pipeline_generator_stage_trains_reuses_and_refuses_stale_outputs(tmp_pa
     cfg.paths.log_dir = str(tmp_path / "a" / "logs")
     with pytest.raises(StaleArtifactError, match=r"irgen.stage=generator irgen.rebuild=true"):
         run(cfg)
+
+
+@pytest.mark.parametrize("experiment,protocol", [("isc_irgen", "zero_shot"), ("cub_irgen", "closed_set")])
+def test_pipeline_runs_every_stage_on_fake_benchmarks(experiment, protocol, fake_data_dir, tmp_path):
+    """The paper's experiments end to end on tiny fake copies (no CLIP): In-shop query -> gallery, CUB."""
+    cfg = compose_config([
+        f"experiment={experiment}", f"protocol={protocol}", f"paths.data_dir={fake_data_dir}",
+        "irgen.tokenizer.encoder.arch=vit_tiny", "irgen.tokenizer.encoder.pretrained=false",
+        "irgen.tokenizer.min_points_per_code=1", "dataset.image_size=16", "dataset.resize_size=16",
+        "dataset.num_workers=0", "trainer.max_epochs=1", "trainer.accelerator=cpu", "callbacks.model_summary=null",
+        "irgen.generator.width=32", "irgen.generator.layers=1", "irgen.generator.heads=2",
+        "irgen.stage_trainer.generator.max_epochs=2",
+    ], output_dir=tmp_path)
+    metrics = run(cfg)
+    k = max(cfg.irgen.generator.eval_ks)
+    for key in ("test/R@1", f"test/R@{k}", f"test/P@{k}_irgen", "test/knn/R@1", "val/R@1"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["test/queries_evaluated"] == metrics["test/knn/queries_evaluated"] > 0
