@@ -4,7 +4,8 @@ Training: for every training image of class c the target is the identifier of a 
 class c (database = the training split in both protocols; the draw may pick the image itself). Targets are
 redrawn every epoch from ``(seed, epoch)``, so runs and resumed runs see the same targets. Loss: label-smoothed
 cross-entropy over the D levels. AdamW (no decay on biases/norms), linear warm-up then cosine, the encoder at
-``encoder_lr_scale`` times the decoder's learning rate.
+``encoder_lr_scale`` times the decoder's learning rate (0 freezes it: no backward through the encoder). The
+pipeline can start the encoder from the tokenizer's trained one (``encoder_init: tokenizer``).
 
 Evaluation (overrides the shared loop's ranking, keeps its metrics): each evaluated image is encoded once; its
 global token (L2-normalised) is kept for the kNN baseline and the within-identifier order, and query images
