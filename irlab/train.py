@@ -147,5 +147,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Dispatch to the runner named by ``cfg.runner``."""
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     runner = hydra.utils.get_method(cfg.runner)
     return runner(cfg)
