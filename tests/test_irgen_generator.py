@@ -22,15 +22,6 @@ from tests.helpers import compose_config
 DEPTH, K = 3, 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is much faster than two on a shared, busy CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pixel_rq_codes(depth: int = DEPTH, k: int = K) -> np.ndarray:
     """Residual k-means identifiers [N_records, D] of the digits' raw pixels (a stand-in tokenizer artifact)."""
     pixels, _ = load_digit_pixels()

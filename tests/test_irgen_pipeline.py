@@ -22,15 +22,6 @@ FAST = ["experiment=digits_irgen", "irgen.stage=tokenizer", "debug=fast", "train
         "dataset.image_size=16", "dataset.resize_size=16", "irgen.tokenizer.kmeans_max_points=256"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is much faster than two on a shared, busy CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_tokenizer_stage_cli_then_reuse_then_refuse_stale(tmp_path, caplog):
     logs = tmp_path / "logs"
