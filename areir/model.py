@@ -1,0 +1,321 @@
+"""AREIR network: a shared ResNet stem and E member branches (layer2 [+SE], layer3, layer4, pool, classifier).
+
+Every member tensor is stored *stacked*: a conv of member e is rows ``[e*out, (e+1)*out)`` of one weight of shape
+``[E*out, in/groups, k, k]``, a BatchNorm is one ``BatchNorm2d(E*C)``, the SE and classifier weights are
+``[E*rows, cols]``. That single layout serves three interchangeable formulations (``member_impl``):
+
+* ``loop``    -- a Python loop over members, each running ordinary convs on its own weights (the reference;
+  the stacked weights are unbound once per forward, so gradients are gathered with one stack per tensor);
+* ``grouped`` -- members stacked along channels: the stem output is tiled E times and every conv becomes one
+  grouped conv (``groups = E * groups``); BatchNorm over E*C channels is exactly E separate BatchNorms;
+* ``vmap``    -- ``torch.func.vmap`` of the single-member forward over the stacked weights.
+
+Checkpoints are therefore identical across formulations, the numerical equivalence test needs no weight copying,
+and ``SyncBatchNorm`` conversion (DDP) sees ordinary BatchNorm modules. Member weights are initialised from one
+torchvision model per member (random init, or the same pretrained weights for all), so every member starts
+exactly like a torchvision ResNet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from irlab.backbones import build_torchvision
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
+MEMBER_IMPLS = ("loop", "grouped", "vmap")
+
+
+def split_members(t: torch.Tensor, members: int) -> torch.Tensor:
+    """View a stacked tensor [E*a, ...] as [E, a, ...] (member e first)."""
+    return t.view(members, t.shape[0] // members, *t.shape[1:])
+
+
+class EnsembleConv(nn.Module):
+    """E bias-free convolutions with identical geometry, stored as one grouped-conv weight."""
+
+    def __init__(self, conv: nn.Conv2d, members: int) -> None:
+        super().__init__()
+        assert conv.bias is None and conv.dilation == (1, 1), "torchvision ResNet convs have no bias or dilation"
+        self.members, self.out_channels, self.groups = members, conv.out_channels, conv.groups
+        self.stride, self.padding = conv.stride, conv.padding
+        self.weight = nn.Parameter(torch.empty(members * conv.out_channels, *conv.weight.shape[1:]))
+
+    def forward(self, x: torch.Tensor, stacked: bool) -> torch.Tensor:
+        groups = self.groups * self.members if stacked else self.groups
+        return F.conv2d(x, self.weight, None, self.stride, self.padding, 1, groups)
+
+
+def member_bn(bn: nn.BatchNorm2d, x: torch.Tensor, stacked: bool) -> torch.Tensor:
+    """BatchNorm over all E*C channels (a module call, so SyncBatchNorm works) or, with one member's tensors
+    swapped in by `functional_call`, over that member's C channels (the step counter is then counted by the caller)."""
+    if stacked:
+        return bn(x)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.training, bn.momentum, bn.eps)
+
+
+class EnsembleBlock(nn.Module):
+    """A torchvision BasicBlock or Bottleneck, replicated over E members (same parameter names)."""
+
+    def __init__(self, block: nn.Module, members: int) -> None:
+        super().__init__()
+        self.members, self.bottleneck = members, hasattr(block, "conv3")
+        for name in ("conv1", "conv2", "conv3"):
+            if hasattr(block, name):
+                setattr(self, name, EnsembleConv(getattr(block, name), members))
+        for name in ("bn1", "bn2", "bn3"):
+            if hasattr(block, name):
+                setattr(self, name, nn.BatchNorm2d(getattr(block, name).num_features * members))
+        self.downsample = None
+        if block.downsample is not None:
+            conv, bn = block.downsample
+            self.downsample = nn.Sequential(EnsembleConv(conv, members), nn.BatchNorm2d(bn.num_features * members))
+
+    def forward(self, x: torch.Tensor, stacked: bool) -> torch.Tensor:
+        out = F.relu(member_bn(self.bn1, self.conv1(x, stacked), stacked))
+        out = member_bn(self.bn2, self.conv2(out, stacked), stacked)
+        if self.bottleneck:
+            out = member_bn(self.bn3, self.conv3(F.relu(out), stacked), stacked)
+        identity = x
+        if self.downsample is not None:
+            identity = member_bn(self.downsample[1], self.downsample[0](x, stacked), stacked)
+        return F.relu(out + identity)
+
+
+class EnsembleSE(nn.Module):
+    """Squeeze-excitation after layer2, bias-free (as in the reference: 2*C*C/r weights per member)."""
+
+    def __init__(self, channels: int, members: int, reduction: int = 8) -> None:
+        super().__init__()
+        self.members, self.channels, self.hidden = members, channels, channels // reduction
+        self.fc1 = nn.Parameter(torch.empty(members * self.hidden, channels))
+        self.fc2 = nn.Parameter(torch.empty(members * channels, self.hidden))
+
+    def forward(self, x: torch.Tensor, stacked: bool) -> torch.Tensor:
+        pooled = x.mean((2, 3))
+        if stacked:  # x: [B, E*C, H, W]
+            e = self.members
+            h = F.relu(torch.einsum("bec,ehc->beh", pooled.view(-1, e, self.channels), split_members(self.fc1, e)))
+            gate = torch.sigmoid(torch.einsum("beh,ech->bec", h, split_members(self.fc2, e))).flatten(1)
+        else:
+            gate = torch.sigmoid(F.linear(F.relu(F.linear(pooled, self.fc1)), self.fc2))
+        return x * gate[:, :, None, None]
+
+
+class EnsembleLinear(nn.Module):
+    """E linear classifiers (with bias) over each member's pooled features."""
+
+    def __init__(self, in_features: int, out_features: int, members: int) -> None:
+        super().__init__()
+        self.members, self.in_features, self.out_features = members, in_features, out_features
+        self.weight = nn.Parameter(torch.empty(members * out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(members * out_features))
+
+    def forward(self, x: torch.Tensor, stacked: bool) -> torch.Tensor:
+        if not stacked:
+            return F.linear(x, self.weight, self.bias)
+        e = self.members  # x: [B, E*D] -> [B, E, M]
+        w = split_members(self.weight, e)
+        return torch.einsum("bed,emd->bem", x.view(-1, e, self.in_features), w) + self.bias.view(e, -1)
+
+
+class EnsembleMembers(nn.Module):
+    """layer2 (+SE), layer3, layer4, global average pooling and the meta-class classifier of all E members."""
+
+    def __init__(self, template: nn.Module, members: int, meta_classes: int, with_se: bool) -> None:
+        super().__init__()
+        self.members = members
+        for name in ("layer2", "layer3", "layer4"):
+            setattr(self, name, nn.ModuleList(EnsembleBlock(b, members) for b in getattr(template, name)))
+        self.se = EnsembleSE(_out_channels(template.layer2), members) if with_se else None
+        self.fc = EnsembleLinear(template.fc.in_features, meta_classes, members)
+
+    def blocks(self) -> Iterator[tuple[str, nn.Module]]:
+        """The residual blocks and the SE gate in forward order (units of activation checkpointing)."""
+        for i, block in enumerate(self.layer2):
+            yield f"layer2.{i}", block
+        if self.se is not None:
+            yield "se", self.se
+        for name in ("layer3", "layer4"):
+            for i, block in enumerate(getattr(self, name)):
+                yield f"{name}.{i}", block
+
+    def forward(self, x: torch.Tensor, stacked: bool, ckpt: bool = False) -> torch.Tensor:
+        """Stacked: stem features tiled E times -> logits [B, E, M]. Otherwise (called through `functional_call`
+        with one member's tensors): stem features -> that member's logits [B, M]."""
+        for _, block in self.blocks():
+            x = checkpoint_once(self, block, x, stacked) if ckpt else block(x, stacked)
+        return self.fc(x.mean((2, 3)), stacked)
+
+
+def _out_channels(layer: nn.Sequential) -> int:
+    last = layer[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """Run BatchNorms in train mode without touching running stats (momentum 0, step counter restored)."""
+    saved = [(bn, bn.momentum, bn.num_batches_tracked.clone()) for bn in module.modules()
+             if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats]
+    for bn, _, _ in saved:
+        bn.momentum = 0.0
+    try:
+        yield
+    finally:
+        for bn, momentum, steps in saved:
+            bn.momentum = momentum
+            bn.num_batches_tracked.copy_(steps)
+
+
+def checkpoint_once(owner: nn.Module, fn, *args):
+    """Activation checkpointing whose backward recomputation does not update BatchNorm running stats twice."""
+    calls = [0]
+
+    def run(*inner):
+        calls[0] += 1
+        if calls[0] == 1:
+            return fn(*inner)
+        with frozen_bn_stats(owner):
+            return fn(*inner)
+
+    return checkpoint(run, *args, use_reentrant=False)
+
+
+def build_template(arch: str, pretrained: bool | str = False) -> nn.Module:
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
+    return build_torchvision(arch, pretrained)
+
+
+class AREIRNet(nn.Module):
+    """Shared stem + E members. `forward(images) -> raw logits [B, E, M]`."""
+
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        members: int = 48,
+        meta_classes: int = 12,
+        with_se: bool = True,
+        pretrained: bool | str = False,
+        member_impl: str = "grouped",
+        random_weighting: bool = False,
+        checkpoint_members: bool = False,
+    ) -> None:
+        super().__init__()
+        if member_impl not in MEMBER_IMPLS:
+            raise ValueError(f"model.member_impl must be one of {MEMBER_IMPLS}, got {member_impl!r}")
+        if members < 1 or meta_classes < 1:
+            raise ValueError(f"model.members and model.meta_classes must be >= 1, got {members}, {meta_classes}")
+        if checkpoint_members and member_impl == "vmap":
+            raise ValueError("model.checkpoint_members is not supported with member_impl=vmap; use grouped or loop")
+        self.num_members, self.meta_classes = members, meta_classes
+        self.member_impl, self.random_weighting = member_impl, random_weighting
+        self.checkpoint_members = checkpoint_members
+        template = build_template(arch, pretrained)
+        self.stem = nn.Sequential(template.conv1, template.bn1, template.relu, template.maxpool, template.layer1)
+        self.stem_channels = _out_channels(template.layer1)
+        self.members = EnsembleMembers(template, members, meta_classes, with_se)
+        self.init_members(arch, pretrained, template)
+
+    # ---- initialisation ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_members(self, arch: str, pretrained: bool | str, template: nn.Module) -> None:
+        """Member e's layer2-4 from a torchvision model (member 0: the template; later: fresh random models, or
+        the template again when pretrained); SE and classifier with PyTorch's default Linear init."""
+        if self.stem[0].weight.is_meta:
+            return
+        tensors = dict(self.members.named_parameters()) | dict(self.members.named_buffers())
+        for e in range(self.num_members):
+            source = template if (e == 0 or pretrained) else build_torchvision(arch, False)
+            state = source.state_dict()
+            for name, t in tensors.items():
+                if name.startswith(("layer2", "layer3", "layer4")) and not name.endswith("num_batches_tracked"):
+                    split_members(t, self.num_members)[e].copy_(state[name])
+        for t in [p for n, p in self.members.named_parameters() if n.startswith(("se.", "fc."))]:
+            for chunk in split_members(t, self.num_members):
+                fan_in = chunk.shape[-1] if t.dim() > 1 else self.members.fc.in_features
+                bound = 1.0 / math.sqrt(fan_in)
+                chunk.uniform_(-bound, bound)
+
+    # ---- forward ----------------------------------------------------------------------------------------
+    def branch_weights(self, device: torch.device) -> torch.Tensor | None:
+        """The reference's random branch weighting: member e's input is scaled by w_e, w = softmax(U(0,1)^E).
+
+        Drawn per forward in training only. Evaluation uses the expected weight 1/E (softmax of i.i.d. noise is
+        exchangeable, so E[w_e] = 1/E): deterministic, and consistent with the BatchNorm running statistics that
+        were accumulated on scaled inputs (unscaled inputs would be ~E times off in layer2's first BatchNorms).
+        Note that in training, layer2 starts with conv -> BatchNorm on batch statistics, which cancels a
+        per-member scale up to BatchNorm's eps, so the weighting mostly acts through those running statistics.
+        """
+        if not self.random_weighting:
+            return None
+        if not self.training:
+            return torch.full((self.num_members,), 1.0 / self.num_members, device=device)
+        return torch.softmax(torch.rand(self.num_members, device=device), dim=0)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        feats = self.stem(images)
+        weights = self.branch_weights(feats.device)
+        if self.member_impl == "grouped":
+            x = feats.repeat(1, self.num_members, 1, 1)
+            if weights is not None:
+                x = x * weights.to(x.dtype).repeat_interleave(self.stem_channels)[None, :, None, None]
+            ckpt = self.checkpoint_members and self.training and torch.is_grad_enabled()
+            return self.members(x, True, ckpt=ckpt)
+        out = self._forward_loop(feats, weights) if self.member_impl == "loop" else self._forward_vmap(feats, weights)
+        if self.training:  # per-member BatchNorm calls skip the step counter; count this step once, as grouped does
+            for bn in self.members.modules():
+                if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                    bn.num_batches_tracked.add_(1)
+        return out
+
+    def member_states(self) -> dict[str, torch.Tensor]:
+        """Every member tensor as [E, ...] (views of the stacked storage; the step counters are left out)."""
+        e = self.num_members
+        state = {n: split_members(t, e) for n, t in self.members.named_parameters()}
+        return state | {n: split_members(t, e) for n, t in self.members.named_buffers() if t.dim() > 0}
+
+    def _forward_loop(self, feats: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """E ordinary small forwards. Parameters are unbound once (backward: one stack per tensor, not E scatters);
+        buffers are indexed so that BatchNorm updates its running stats in place."""
+        param_names = {n for n, _ in self.members.named_parameters()}
+        params = {n: t.unbind(0) for n, t in self.member_states().items() if n in param_names}
+        buffers = {n: t for n, t in self.member_states().items() if n not in param_names}
+        ckpt = self.checkpoint_members and self.training and torch.is_grad_enabled()
+        outs = []
+        for e in range(self.num_members):
+            state = {n: t[e] for n, t in params.items()} | {n: t[e] for n, t in buffers.items()}
+            x = feats if weights is None else feats * weights[e].to(feats.dtype)
+
+            def run(x: torch.Tensor, state: dict = state) -> torch.Tensor:
+                return torch.func.functional_call(self.members, state, (x, False), strict=False)
+
+            outs.append(checkpoint_once(self, run, x) if ckpt else run(x))
+        return torch.stack(outs, dim=1)
+
+    def _forward_vmap(self, feats: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """`torch.func.vmap` of the single-member forward over the stacked tensors (in-place BN stats included)."""
+        if self.checkpoint_members and self.training:
+            raise ValueError("model.checkpoint_members is not supported with member_impl=vmap; use grouped or loop")
+
+        def one(state: dict, x: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.members, state, (x, False), strict=False)
+
+        if weights is None:
+            out = torch.func.vmap(one, in_dims=(0, None))(self.member_states(), feats)
+        else:
+            x = weights.to(feats.dtype)[:, None, None, None, None] * feats
+            out = torch.func.vmap(one, in_dims=(0, 0))(self.member_states(), x)
+        return out.transpose(0, 1)
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
