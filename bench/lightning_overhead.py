@@ -10,13 +10,16 @@ loop: AdamW without a scheduler), so the ratio isolates what the Trainer adds (h
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
 
-from datamodules.digits import DigitsDataModule
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from datamodules.digits import DigitsDataModule  # noqa: E402
 
 
 def build_model(name: str, num_classes: int) -> L.LightningModule:
