@@ -11,11 +11,13 @@ with the model's images/s (bench/lightning_overhead.py). Uses a fake CUB copy (r
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from datamodules.cub import CUBDataModule
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from datamodules.cub import CUBDataModule  # noqa: E402
 
 
 def images_per_second(root: Path, workers: int, image_size: int, batch_size: int, batches: int) -> float:

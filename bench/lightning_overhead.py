@@ -10,13 +10,16 @@ loop: AdamW without a scheduler), so the ratio isolates what the Trainer adds (h
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import lightning as L
 import torch
 
-from datamodules.digits import DigitsDataModule
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+from datamodules.digits import DigitsDataModule  # noqa: E402
 
 
 def build_model(name: str, num_classes: int) -> L.LightningModule:
@@ -81,7 +84,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads (1: stable on a shared machine; 0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     dm = DigitsDataModule(batch_size=args.batch_size)
     dm.setup()

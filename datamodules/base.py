@@ -7,6 +7,7 @@ the evaluated set so that embeddings gathered from several DDP ranks can be de-d
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,11 +15,13 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
 from datamodules.protocol import EvalSet, ProtocolSplit, build_protocol
-from datamodules.records import ImageRecord
+from datamodules.records import AnnotationError, ImageRecord
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,23 +31,40 @@ class ImageReadError(OSError):
     """An image file exists in the annotations but cannot be decoded."""
 
 
-def open_rgb(path: str | Path, bbox: Sequence[float] | None = None) -> Image.Image:
+def open_rgb(path: str | Path, bbox: Sequence[float] | None = None, bbox_source: str | None = None) -> Image.Image:
     """Open any image as RGB (some benchmark files are grayscale or CMYK, or PNGs named .jpg), cropped to bbox.
 
-    A box reaching outside the image is clamped to it (keeping at least 1 px), so readers store boxes as given.
+    A box that overhangs the image edge is clamped to it (annotations are often off by a pixel); a box that
+    does not overlap the image at all is an annotation error, reported with the file and line it came from.
     """
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageReadError(f"cannot read image {path}: {exc}. Re-extract the archive or remove the file.") from exc
+        raise ImageReadError(
+            f"cannot read image {path}: {exc}. Re-extract the archive, delete the file, or set "
+            f"dataset.skip_corrupt=true to skip unreadable images"
+        ) from exc
     if bbox is not None:
         x1, y1, x2, y2 = (float(v) for v in bbox)
         w, h = img.size
-        x1, y1 = max(0.0, min(x1, w - 1)), max(0.0, min(y1, h - 1))
+        if x1 >= w or y1 >= h or x2 <= 0 or y2 <= 0:
+            raise AnnotationError(
+                bbox_source or path, None,
+                f"bounding box ({x1:g}, {y1:g}, {x2:g}, {y2:g}) lies outside image {path} of size {w}x{h}",
+            )
+        x1, y1 = max(0.0, x1), max(0.0, y1)
         x2, y2 = max(x1 + 1, min(x2, w)), max(y1 + 1, min(y2, h))
         img = img.crop((int(x1), int(y1), int(round(x2)), int(round(y2))))
     return img
+
+
+def collate_skipping_missing(samples: list[dict | None]) -> dict:
+    """Default collation without the samples that could not be read (``dataset.skip_corrupt=true``)."""
+    kept = [s for s in samples if s is not None]
+    if not kept:
+        raise ImageReadError(f"every image of a batch of {len(samples)} was unreadable; see the warnings above")
+    return default_collate(kept)
 
 
 class RecordDataset(Dataset):
@@ -52,12 +72,20 @@ class RecordDataset(Dataset):
 
     def __init__(self, datamodule: RetrievalDataModule, ids: np.ndarray, labels: np.ndarray, transform) -> None:
         self.dm, self.ids, self.labels, self.transform = datamodule, ids, labels, transform
+        self.skipped = 0
 
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, i: int) -> dict:
-        image = self.dm.load_image(int(self.ids[i]))
+    def __getitem__(self, i: int) -> dict | None:
+        try:
+            image = self.dm.load_image(int(self.ids[i]))
+        except ImageReadError as exc:
+            if not self.dm.skip_corrupt:
+                raise
+            self.skipped += 1
+            log.warning(f"skipped unreadable image #{self.skipped} of this loader worker: {exc}")
+            return None
         return {"image": self.transform(image), "label": int(self.labels[i]), "index": i}
 
 
@@ -109,8 +137,10 @@ class RetrievalDataModule(L.LightningDataModule):
         max_per_class: int | None = None,
         val_fraction: float = 0.0,
         seed: int = 0,
+        skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
+        self.skip_corrupt = skip_corrupt
         self.root = Path(root) if root else Path(data_dir) / self.name
         self.protocol, self.image_size, self.crop = protocol, image_size, crop
         self.resize_size = resize_size or image_size
@@ -127,7 +157,7 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def load_image(self, record_id: int) -> Image.Image:
         record = self.records[record_id]
-        return open_rgb(record.path, record.bbox if self.crop else None)
+        return open_rgb(record.path, record.bbox if self.crop else None, record.bbox_source)
 
     # ---- shared machinery -----------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
@@ -219,6 +249,7 @@ class RetrievalDataModule(L.LightningDataModule):
 
     def _loader_kwargs(self) -> dict:
         return {
+            "collate_fn": collate_skipping_missing,
             "num_workers": self.num_workers,
             "pin_memory": self.pin_memory,
             "persistent_workers": self.num_workers > 0,

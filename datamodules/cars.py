@@ -99,7 +99,8 @@ def _record(row: dict, path: Path, split: str, existing: ExistingFiles, mat: Pat
         raise AnnotationError(mat, None, f"annotations entry {index}: image {path} does not exist")
     x1, y1, x2, y2 = (float(row[f]) for f in BOX_FIELDS)
     bbox = (x1, y1, x2, y2) if x2 > x1 and y2 > y1 else None  # a degenerate box leaves the image uncropped
-    return ImageRecord(path=str(path), label=row["class"], split=split, bbox=bbox)
+    source = f"{mat} annotations entry {index}" if bbox is not None else None
+    return ImageRecord(path=str(path), label=row["class"], split=split, bbox=bbox, bbox_source=source)
 
 
 class CarsDataModule(RetrievalDataModule):

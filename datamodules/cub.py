@@ -102,6 +102,7 @@ class CUBDataModule(RetrievalDataModule):
                     label=parse_int(label, base / LABELS, label_line, "class id"),
                     split="train" if flag == "1" else "test",
                     bbox=bbox,
+                    bbox_source=f"{base / BOXES}:{box_line}" if bbox is not None else None,
                 )
             )
         if not records:

@@ -87,20 +87,22 @@ class InShopDataModule(RetrievalDataModule):
             path = image_base / name
             if str(path) not in existing:
                 raise AnnotationError(partition, line_number, f"image {path} does not exist")
+            box, box_source = boxes.get(name, (None, None))
             records.append(
-                ImageRecord(str(path), item_label(item_id, partition, line_number), status, boxes.get(name))
+                ImageRecord(str(path), item_label(item_id, partition, line_number), status, box, box_source)
             )
         if not records:
             raise DatasetLayoutError(self.name, base, f"{PARTITION} lists no images.", EXPECTED, self.url)
         return records
 
     @staticmethod
-    def _read_boxes(path: Path) -> dict[str, tuple[float, float, float, float]]:
+    def _read_boxes(path: Path) -> dict[str, tuple[tuple[float, float, float, float], str]]:
+        """image name -> (box, "<file>:<line>")."""
         boxes = {}
         for line_number, fields in _read_counted_table(path, BOXES_HEADER):
             x1, y1, x2, y2 = (parse_int(v, path, line_number, "box coordinate") for v in fields[3:])
             if (
                 x2 > x1 and y2 > y1
             ):  # a degenerate box leaves the image uncropped rather than failing the dataset
-                boxes[fields[0]] = (float(x1), float(y1), float(x2), float(y2))
+                boxes[fields[0]] = ((float(x1), float(y1), float(x2), float(y2)), f"{path}:{line_number}")
         return boxes

@@ -169,7 +169,8 @@ def _carve_validation(records, labels, train_ids, protocol, fraction, seed):
     query_ids, keep_ids = [], []
     for c in classes:
         members = train_ids[labels[train_ids] == c]
-        n_query = int(round(fraction * len(members))) if len(members) > 1 else 0
+        # at least one held-out query per class that can spare one (tiny copies still validate)
+        n_query = max(1, int(round(fraction * len(members)))) if len(members) > 1 else 0
         chosen = rng.permutation(members)
         query_ids.extend(chosen[:n_query])
         keep_ids.extend(chosen[n_query:])

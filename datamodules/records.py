@@ -23,6 +23,8 @@ class ImageRecord:
     label: int
     split: str
     bbox: tuple[float, float, float, float] | None = None
+    # where the box was read ("<file>:<line>" or "<file> entry <i>"), so a bad box is reported at its source
+    bbox_source: str | None = None
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:

@@ -204,10 +204,125 @@ def encode_records(model, datamodule):  # imported lazily: keeps `import irgen.p
     return _encode(model, datamodule)
 
 
+# ---- stage 2: generator ---------------------------------------------------------------------------------
+GENERATOR_DIR = "generator"
+GENERATOR_DONE = "done.json"
+# generator settings that only change the evaluation: a finished generator is reused (re-evaluated) across them
+GENERATOR_EVAL_KEYS = ("beam_size", "eval_ks", "max_rank", "exhaustive")
+
+
+def generator_signature(cfg: DictConfig, datamodule: RetrievalDataModule, artifact: IdentifierArtifact) -> dict:
+    """What determines the trained generator: the identifiers (artifact hash), its config, training and data."""
+    trainer = stage_trainer_config(cfg, "generator")
+    model = {k: v for k, v in _plain(cfg.irgen.generator).items() if k not in GENERATOR_EVAL_KEYS}
+    return {
+        "artifact_sha256": artifact.meta.get("sha256"),
+        "dataset": dataset_fingerprint(datamodule),
+        "model": model,
+        "trainer": {k: _plain(trainer.get(k)) for k in TRAINER_KEYS},
+        "data": {k: _plain(getattr(datamodule, k, None)) for k in DATA_KEYS},
+        "seed": int(cfg.seed),
+    }
+
+
+def _generator_rebuild_command(cfg: DictConfig) -> str:
+    return rebuild_command(cfg).replace("irgen.stage=tokenizer", "irgen.stage=generator")
+
+
+def _check_generator_dir(gen_dir: Path, expected: dict[str, Any], hint: str) -> None:
+    """Outputs in `gen_dir` (finished or interrupted) may only be reused by a run with the same signature."""
+    signature = gen_dir / "signature.json"
+    worth_protecting = (gen_dir / "last.ckpt").is_file() or (gen_dir / GENERATOR_DONE).is_file()
+    if signature.is_file() and worth_protecting:
+        found = json.loads(signature.read_text())
+        problems = _signature_differences(json.loads(json.dumps(expected, sort_keys=True)), found)
+        if problems:
+            listing = "\n".join(f"  - {p}" for p in problems[:12])
+            raise StaleArtifactError(f"{gen_dir} holds a generator trained with other identifiers, data or config:"
+                                     f"\n{listing}\nRetrain it: {hint}")
+    gen_dir.mkdir(parents=True, exist_ok=True)
+    signature.write_text(json.dumps(expected, indent=2, sort_keys=True))
+
+
+def _signature_differences(expected: Any, found: Any, where: str = "") -> list[str]:
+    if isinstance(expected, dict) and isinstance(found, dict):
+        return [p for key in sorted(set(expected) | set(found), key=str)
+                for p in _signature_differences(expected.get(key), found.get(key), f"{where}.{key}".lstrip("."))]
+    return [] if expected == found else [f"{where}: previous run had {found!r}, this run has {expected!r}"]
+
+
+def _resolve_encoder_init(ctx: PipelineContext, value: str | None) -> Path | None:
+    """``encoder_init``: null (encoder as configured), ``tokenizer`` (the tokenizer stage's trained encoder) or
+    a checkpoint path."""
+    if value in (None, "", "none", "null"):
+        return None
+    path = ctx.artifact_dir / TOKENIZER_DIR / "last.ckpt" if value == "tokenizer" else Path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"generator encoder_init={value!r}: {path} does not exist. Run the tokenizer stage "
+                                f"first (irgen.stage=tokenizer) or set irgen.generator.encoder_init=null")
+    return path
+
+
+def generator_stage(ctx: PipelineContext) -> dict[str, float]:
+    """Train the generator on the artifact's identifiers (or reuse/resume it), then evaluate on the test split.
+
+    Metrics: ``val/*`` and ``test/*`` are beam-search retrieval (the IRGen headline), ``*/knn/*`` exact kNN
+    over the same encoder's global features, optionally ``*/exhaustive/*``. The tokenizer stage's own ``val/*``
+    numbers (same run, stage=all) are renamed ``tokenizer/val/*`` so that nothing is silently overwritten.
+    """
+    cfg, dm = ctx.cfg, ctx.datamodule
+    artifact = load_identifiers(ctx)
+    gen_dir = ctx.artifact_dir / GENERATOR_DIR
+    hint = _generator_rebuild_command(cfg)
+    expected = generator_signature(cfg, dm, artifact)
+    if rank_zero_only.rank == 0:
+        _check_generator_dir(gen_dir, expected, hint)
+    for key in [k for k in ctx.metrics if k.startswith("val/")]:
+        ctx.metrics[f"tokenizer/{key}"] = ctx.metrics.pop(key)
+
+    model = build_model(cfg.irgen.generator, dm, code_depth=artifact.num_levels, codebook_size=artifact.num_codes)
+    model.set_identifiers(artifact.codes)
+    trainer = build_stage_trainer(cfg, "generator", gen_dir, monitor="val/R@1")
+    done, last = gen_dir / GENERATOR_DONE, gen_dir / "last.ckpt"
+    metrics: dict[str, float] = {}
+    if done.is_file():
+        best = json.loads(done.read_text())["checkpoint"]
+        log.info(f"generator: reusing the trained generator {best} (irgen.stage=generator irgen.rebuild=true "
+                 f"retrains it); evaluating with the current beam/eval settings")
+    else:
+        init = _resolve_encoder_init(ctx, cfg.irgen.generator.get("encoder_init"))
+        if init is not None and not last.is_file():
+            log.info(f"generator: encoder initialised from {init}")
+            model.load_encoder_weights(init)
+        log_hyperparameters(trainer, cfg, model, dm)
+        if dm.split.val_is_test:
+            log.warning("generator: no validation split (dataset.val_fraction=0): checkpoint selection by val/R@1 "
+                        "sees the test set")
+        if last.is_file():
+            log.info(f"generator: resuming the interrupted stage from {last}")
+        trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))})
+        best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = best_path or str(last)
+        if trainer.is_global_zero:
+            done.write_text(json.dumps({"checkpoint": best, "metrics": metrics}, indent=2, sort_keys=True))
+        trainer.strategy.barrier()
+    if cfg.get("test", True):
+        log.info(f"generator: testing {best}")
+        trainer.test(model, datamodule=dm, ckpt_path=best, weights_only=True)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    return metrics
+
+
+def clear_generator_outputs(artifact_dir: Path) -> None:
+    """``irgen.rebuild=true`` for the generator: remove its checkpoints, signature and completion marker."""
+    shutil.rmtree(artifact_dir / GENERATOR_DIR, ignore_errors=True)
+
+
 # ---- registry and runner ----------------------------------------------------------------------------------
 Stage = Callable[[PipelineContext], dict[str, float]]
 STAGE_ORDER = ("tokenizer", "generator")
-STAGES: dict[str, Stage] = {"tokenizer": tokenizer_stage}  # part 2 registers "generator"
+STAGES: dict[str, Stage] = {"tokenizer": tokenizer_stage, "generator": generator_stage}
 
 
 def clear_tokenizer_outputs(artifact_dir: Path) -> None:
@@ -218,7 +333,8 @@ def clear_tokenizer_outputs(artifact_dir: Path) -> None:
 
 
 # what ``irgen.rebuild=true`` removes before a selected stage runs (part 2 registers the generator's)
-CLEARERS: dict[str, Callable[[Path], None]] = {"tokenizer": clear_tokenizer_outputs}
+CLEARERS: dict[str, Callable[[Path], None]] = {"tokenizer": clear_tokenizer_outputs,
+                                                "generator": clear_generator_outputs}
 
 
 def run(cfg: DictConfig) -> dict[str, float]:

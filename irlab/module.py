@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 
 import lightning as L
@@ -22,6 +23,8 @@ from irlab.reproducibility import rng_states, set_rng_states
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
 
 log = logging.getLogger(__name__)
+# evaluation metrics are computed on rank 0 and broadcast, so every rank logs the same value: no sync_dist needed
+warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|test)/")
 
 
 @dataclass
@@ -33,6 +36,7 @@ class EvalResult:
     embeddings: np.ndarray  # [N, d] for the whole evaluated set, in eval-set order
     query_positions: np.ndarray  # eval-set positions of the queries (rows of report.neighbors)
     gallery_positions: np.ndarray  # eval-set positions of the gallery (values of report.neighbors index these)
+    positions: np.ndarray | None = None  # full eval-set position of each row above when a limited loader saw a subset
 
 
 class RetrievalModule(L.LightningModule):
@@ -114,9 +118,11 @@ class RetrievalModule(L.LightningModule):
             return
         eval_set = self.trainer.datamodule.eval_set(stage)
         embeddings, seen = self._gathered_embeddings(len(eval_set))
+        positions = None
         if not seen.all():
             log.warning(f"{stage}: evaluating {int(seen.sum())} of {len(eval_set)} images (limited loader)")
-            eval_set, embeddings = eval_set.subset(np.flatnonzero(seen)), embeddings[seen]
+            positions = np.flatnonzero(seen)
+            eval_set, embeddings = eval_set.subset(positions), embeddings[seen]
         metrics: dict[str, float] | None = None
         if self.trainer.is_global_zero:
             start = time.perf_counter()
@@ -124,7 +130,7 @@ class RetrievalModule(L.LightningModule):
             metrics = {k: float(v) for k, v in report.metrics.items()}
             metrics["search_seconds"] = time.perf_counter() - start
             self.last_eval = EvalResult(
-                stage, report, embeddings, eval_set.query_positions, eval_set.gallery_positions
+                stage, report, embeddings, eval_set.query_positions, eval_set.gallery_positions, positions
             )
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
         for key, value in metrics.items():

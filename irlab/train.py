@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.base import RetrievalDataModule
+from irlab.distributed import install_hydra_ddp_launch
 from irlab.reporting import print_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,7 @@ def build_model(model_cfg: DictConfig, datamodule: RetrievalDataModule, **runtim
 
 
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+    install_hydra_ddp_launch()  # extra DDP ranks re-run this job, not the whole command line (sweeps)
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)
     loggers = instantiate_group(cfg.get("logger"), Logger)
     return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
@@ -62,7 +64,8 @@ def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig, model: L.LightningM
     if not trainer.loggers:
         return
     params = {
-        "cfg": OmegaConf.to_container(cfg, resolve=True),
+        # without the `hydra` node: present when composed with the compose API, not resolvable outside a sweep
+        "cfg": OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True),
         "model/params_total": sum(p.numel() for p in model.parameters()),
         "model/params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "data": dm.describe(),
@@ -72,15 +75,19 @@ def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig, model: L.LightningM
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
-    """``last`` means this run folder's checkpoints/last.ckpt; anything else must exist."""
+    """``last`` / ``on_exception`` name this run folder's checkpoints; anything else must be an existing file.
+
+    ``last`` (end of the last finished epoch) resumes exactly: same final metrics as an uninterrupted run.
+    ``on_exception`` (written on SIGTERM or a crash, mid-epoch) loses less work but replays part of an epoch.
+    """
     if ckpt_path in (None, ""):
         return None
-    if ckpt_path == "last":
-        candidate = Path(output_dir) / "checkpoints" / "last.ckpt"
+    if ckpt_path in ("last", "on_exception"):
+        candidate = Path(output_dir) / "checkpoints" / f"{ckpt_path}.ckpt"
         if not candidate.is_file():
             raise FileNotFoundError(
-                f"ckpt_path=last but {candidate} does not exist. To resume, run again in the same folder "
-                f"(hydra.run.dir=<old run folder>) or pass ckpt_path=/path/to/last.ckpt"
+                f"ckpt_path={ckpt_path} but {candidate} does not exist. To resume, run again in the same folder "
+                f"(hydra.run.dir=<old run folder>) or pass ckpt_path=/path/to/{ckpt_path}.ckpt"
             )
         return str(candidate)
     if not Path(ckpt_path).is_file():
@@ -140,5 +147,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     """Dispatch to the runner named by ``cfg.runner``."""
+    if cfg.get("torch_threads"):
+        torch.set_num_threads(int(cfg.torch_threads))
     runner = hydra.utils.get_method(cfg.runner)
     return runner(cfg)

@@ -9,9 +9,12 @@ import torch
 
 from tests.fixtures.fake_datasets import make_fake_cars, make_fake_cub, make_fake_inshop, make_fake_sop
 
+# One intra-op thread per process: tests spawn DDP ranks and CLI subprocesses on a 2-core machine, and
+# oversubscribed OpenMP threads spin-wait -- measured 7x slower for a small training run than one thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

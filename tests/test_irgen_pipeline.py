@@ -22,15 +22,6 @@ FAST = ["experiment=digits_irgen", "irgen.stage=tokenizer", "debug=fast", "train
         "dataset.image_size=16", "dataset.resize_size=16", "irgen.tokenizer.kmeans_max_points=256"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is much faster than two on a shared, busy CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.slow
 def test_tokenizer_stage_cli_then_reuse_then_refuse_stale(tmp_path, caplog):
     logs = tmp_path / "logs"
@@ -96,7 +87,7 @@ def test_tiny_dataset_reduces_codes_or_says_what_to_change(fake_data_dir, tmp_pa
     tiny = ["experiment=isc_irgen", "irgen.stage=tokenizer", f"paths.data_dir={fake_data_dir}",
             "irgen.tokenizer.encoder.arch=vit_tiny", "irgen.tokenizer.encoder.pretrained=false",
             "dataset.image_size=16", "dataset.resize_size=16", "dataset.num_workers=0", "trainer.max_epochs=1",
-            "trainer.accelerator=cpu"]
+            "trainer.accelerator=cpu", "dataset.val_fraction=0"]  # all 6 training images train the tokenizer
     with pytest.raises(TooFewPointsError, match="min_points_per_code"):
         run(compose_config(tiny, output_dir=tmp_path))
     with caplog.at_level(logging.WARNING, logger="irgen.kmeans"):

@@ -21,15 +21,6 @@ from irgen.quantizer import ResidualQuantizer
 from irgen.tokenizer import IRGenTokenizer, encode_records
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is much faster than two on a shared, busy CPU (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def clustered(n: int = 2000, dim: int = 16, seed: int = 0) -> torch.Tensor:
     """Hierarchically clustered points: coarse centres + finer offsets + noise (what RQ is built for)."""
     g = torch.Generator().manual_seed(seed)

@@ -1,13 +1,19 @@
 """Same seed + same config => same metrics; a run killed mid-epoch resumes to the same final metrics."""
 
+import os
+import signal
+
 import lightning as L
 import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from irlab.train import run
 from tests.helpers import compose_config
 
 SMALL = ["trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
-         "dataset.batch_size=32", "model.embedding_dim=32", "test=false"]
+         "trainer.limit_val_batches=2", "dataset.batch_size=32", "model.embedding_dim=32", "test=false",
+         "callbacks=[model_checkpoint,on_exception_checkpoint]"]
 
 
 class Killed(RuntimeError):
@@ -50,3 +56,25 @@ def test_killed_run_resumes_to_the_same_metrics(reference, tmp_path):
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     resumed = run(compose_config(SMALL + ["ckpt_path=last"], output_dir=run_dir))
     assert _val_metrics(resumed) == _val_metrics(reference)
+
+
+class SendSigterm(L.Callback):
+    """Delivers SIGTERM to this process mid-epoch, as SLURM does before it kills a job."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
+    sigterm = [f"+callbacks.sigterm._target_={__name__}.SendSigterm"]
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SIGTERMException):
+            run(compose_config(SMALL + sigterm, output_dir=tmp_path))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    saved = torch.load(tmp_path / "checkpoints" / "on_exception.ckpt", weights_only=True)
+    assert saved["epoch"] == 1 and saved["global_step"] == 4 + 2
+    resumed = run(compose_config(SMALL + ["ckpt_path=on_exception"], output_dir=tmp_path))
+    assert "val/R@1" in resumed

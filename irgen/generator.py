@@ -1,0 +1,278 @@
+"""IRGen stage 2: image encoder + identifier decoder, trained to emit the identifier of a same-class image.
+
+Training: for every training image of class c the target is the identifier of a randomly drawn DATABASE image of
+class c (database = the training split in both protocols; the draw may pick the image itself). Targets are
+redrawn every epoch from ``(seed, epoch)``, so runs and resumed runs see the same targets. Loss: label-smoothed
+cross-entropy over the D levels. AdamW (no decay on biases/norms), linear warm-up then cosine, the encoder at
+``encoder_lr_scale`` times the decoder's learning rate (0 freezes it: no backward through the encoder). The
+pipeline can start the encoder from the tokenizer's trained one (``encoder_init: tokenizer``).
+
+Evaluation (overrides the shared loop's ranking, keeps its metrics): each evaluated image is encoded once; its
+global token (L2-normalised) is kept for the kNN baseline and the within-identifier order, and query images
+are beam-searched in the same step (all encoder tokens are needed by the decoder and never stored). The trie
+holds the identifiers of the eval set's GALLERY records (closed_set: the database the model trained on;
+zero_shot: test images it never saw as targets). Logged per stage: ``R@k``, ``P@k``, ``P@k_irgen``, ... from beam
+search, ``knn/...`` from exact kNN over the same encoder's global features, optionally ``exhaustive/...``.
+
+Identifiers come from the tokenizer artifact via `set_identifiers(codes)` (``codes[record_id]``); they are a
+buffer of the module, so a checkpoint evaluates without the artifact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from irgen.beam_search import beam_search
+from irgen.decoder import DecoderConfig, IdentifierDecoder
+from irgen.encoders import build_encoder
+from irgen.ranking import expand_identifiers, rank_identifiers, score_all_identifiers
+from irgen.trie import IdentifierTrie, validate_codes
+from irlab.module import RetrievalModule
+from irlab.retrieval import RetrievalReport, evaluate_rankings
+
+
+def _plain(x):
+    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
+
+
+def draw_same_class(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """For each position, a uniformly drawn position with the same label (itself allowed); vectorized."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng((seed, epoch))
+    order = np.argsort(labels, kind="stable")
+    _, start, size = np.unique(labels[order], return_index=True, return_counts=True)
+    cls = np.searchsorted(labels[order][start], labels)
+    pick = start[cls] + np.floor(rng.random(len(labels)) * size[cls]).astype(np.int64)
+    return order[pick]
+
+
+class IRGenGenerator(RetrievalModule):
+    def __init__(
+        self,
+        code_depth: int | None = None,
+        codebook_size: int | None = None,
+        encoder: Mapping | None = None,
+        encoder_init: str | None = None,
+        width: int = 768,
+        layers: int = 12,
+        heads: int = 12,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        lr: float = 1e-4,
+        encoder_lr_scale: float = 0.01,
+        weight_decay: float = 0.05,
+        warmup_fraction: float = 0.05,
+        min_lr_ratio: float = 0.0,
+        label_smoothing: float = 0.1,
+        beam_size: int = 30,
+        eval_ks: Sequence[int] = (1, 10, 20, 30),
+        max_rank: int = 100,
+        exhaustive: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if code_depth is None or codebook_size is None:
+            raise ValueError("code_depth and codebook_size must be the identifier artifact's D and K: irgen.pipeline "
+                             "fills them from the artifact; when building the generator yourself, pass them")
+        encoder = dict(_plain(encoder) or {})  # plain containers: checkpoints stay loadable with weights_only=True
+        eval_ks = [int(k) for k in _plain(eval_ks)]
+        self.save_hyperparameters()
+        self.encoder = build_encoder(encoder.get("arch", "vit_tiny"), encoder.get("image_size", 224),
+                                     encoder.get("pretrained", False))
+        self.decoder = IdentifierDecoder(DecoderConfig(
+            depth_levels=code_depth, codebook_size=codebook_size, width=width, layers=layers, heads=heads,
+            mlp_ratio=mlp_ratio, dropout=dropout, memory_dim=self.encoder.dim,
+        ))
+        if encoder_lr_scale == 0:  # frozen encoder (e.g. the tokenizer's): no backward through it, much faster
+            self.encoder.requires_grad_(False)
+        self.eval_ks = tuple(int(k) for k in eval_ks)
+        self.register_buffer("codes", torch.empty(0, code_depth, dtype=torch.long))
+        self._targets: torch.Tensor | None = None
+        self._trie: IdentifierTrie | None = None
+        self._query_mask: torch.Tensor | None = None
+        self._beam_chunks: list[tuple[torch.Tensor, ...]] = []
+        self._beams: dict[str, np.ndarray] = {}
+
+    # ---- identifiers -------------------------------------------------------------------------------------
+    def set_identifiers(self, codes: torch.Tensor | np.ndarray) -> None:
+        """Identifier of every datamodule record, ``int64 [N_records, D]`` (the artifact's ``codes``)."""
+        arr = validate_codes(codes, self.hparams.codebook_size)
+        if arr.shape[1] != self.hparams.code_depth:
+            raise ValueError(f"identifiers have {arr.shape[1]} levels but the generator was built for "
+                             f"code_depth={self.hparams.code_depth}; build it from the artifact's shape")
+        self.codes = torch.from_numpy(arr).to(self.codes.device)
+
+    def load_encoder_weights(self, path: str | Path) -> None:
+        """Start from another module's trained encoder (``encoder.*`` tensors of a Lightning checkpoint or a
+        plain state dict, e.g. the tokenizer's ``last.ckpt``): safe loading, shapes must match exactly."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
+        if not encoder_state:
+            raise ValueError(f"{path} holds no 'encoder.*' weights: pass a tokenizer/generator checkpoint")
+        try:
+            self.encoder.load_state_dict(encoder_state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"the encoder in {path} does not fit this generator's encoder "
+                             f"{self.hparams.encoder}: use the tokenizer's encoder settings or encoder_init=null"
+                             f"\n{exc}") from exc
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "codes" in state_dict:  # the buffer's size is the dataset's: adopt the checkpoint's
+            self.codes = torch.empty_like(state_dict[prefix + "codes"], device=self.codes.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _record_codes(self, record_ids: np.ndarray) -> np.ndarray:
+        dm = self.trainer.datamodule
+        if self.codes.shape[0] == 0:
+            raise RuntimeError("the generator has no identifiers: call set_identifiers(artifact.codes) before "
+                               "fit/validate/test (irgen.pipeline does this from the tokenizer artifact)")
+        if self.codes.shape[0] != len(dm.records):
+            raise ValueError(f"the generator holds identifiers for {self.codes.shape[0]} records but the datamodule "
+                             f"has {len(dm.records)}: the artifact belongs to another dataset/protocol")
+        return self.codes.cpu().numpy()[np.asarray(record_ids)]
+
+    # ---- training ---------------------------------------------------------------------------------------
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)[:, 0]
+
+    def on_train_epoch_start(self) -> None:
+        dm = self.trainer.datamodule
+        drawn = draw_same_class(dm.train_labels, self.hparams.seed, self.current_epoch)
+        self._targets = torch.from_numpy(self._record_codes(dm.split.train_ids[drawn])).to(self.device)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        targets = self._targets[batch["index"]]  # [B, D]
+        with torch.set_grad_enabled(self.hparams.encoder_lr_scale != 0):
+            memory = self.encoder(batch["image"])
+        logits = self.decoder(self.decoder.input_tokens(targets).unsqueeze(1), self.decoder.memory_kv(memory))
+        logits = logits.squeeze(1).float()  # [B, D, K]
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/code_acc", (logits.argmax(-1) == targets).float().mean())
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = []
+        for module, lr in ((self.encoder, hp.lr * hp.encoder_lr_scale), (self.decoder, hp.lr)):
+            params = [p for p in module.parameters() if p.requires_grad]
+            if not params:
+                continue
+            groups.append({"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": hp.weight_decay})
+            groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.95))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = min(total - 1, int(hp.warmup_fraction * total))
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min(1.0, (step - warmup) / max(1, total - warmup))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ---- evaluation --------------------------------------------------------------------------------------
+    def _start_eval(self, stage: str) -> None:
+        self._eval_chunks, self._beam_chunks, self._beams = [], [], {}
+        eval_set = self.trainer.datamodule.eval_set(stage)
+        gallery_codes = self._record_codes(eval_set.record_ids[eval_set.gallery_mask])
+        self._trie = IdentifierTrie.build(gallery_codes, self.hparams.codebook_size).to(self.device)
+        self._query_mask = torch.from_numpy(eval_set.query_mask).to(self.device)
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval("test")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        index = batch["index"]
+        tokens = self.encoder(batch["image"])
+        self._eval_chunks.append((index.detach(), F.normalize(tokens[:, 0].float(), dim=-1).detach()))
+        n, beams = len(index), self.hparams.beam_size
+        leaves = torch.full((n, beams), -1, dtype=torch.long, device=self.device)
+        scores = torch.full((n, beams), -torch.inf, device=self.device)
+        is_query = self._query_mask[index]
+        chunk = [index.detach()]
+        if is_query.any():
+            leaves[is_query], scores[is_query] = beam_search(self.decoder, tokens[is_query], self._trie, beams)
+        chunk += [leaves, scores]
+        if self.hparams.exhaustive:
+            full = torch.full((n, self._trie.num_leaves), -torch.inf, device=self.device)
+            if is_query.any():
+                full[is_query] = score_all_identifiers(self.decoder, tokens[is_query], self._trie.leaf_codes)
+            chunk.append(full)
+        self._beam_chunks.append(tuple(chunk))
+
+    test_step = validation_step
+
+    def _gather_beams(self, n_items: int) -> None:
+        """Beam results of every rank into eval-set order (same scheme as the embeddings: positions de-dup)."""
+        if not self._beam_chunks:
+            raise RuntimeError("evaluation produced no beams: is the evaluation dataloader empty?")
+        parts = [torch.cat([c[i] for c in self._beam_chunks]) for i in range(len(self._beam_chunks[0]))]
+        self._beam_chunks = []
+        if self.trainer.world_size > 1:
+            parts = [self.all_gather(p).flatten(0, 1) for p in parts]
+        index = parts[0].cpu().numpy()
+        names = ["leaves", "scores", "exhaustive"][: len(parts) - 1]
+        for name, part in zip(names, parts[1:], strict=True):
+            full = np.full((n_items, part.shape[1]), -1 if name == "leaves" else -np.inf,
+                           dtype=np.int64 if name == "leaves" else np.float32)
+            full[index] = part.float().cpu().numpy() if name != "leaves" else part.cpu().numpy()
+            self._beams[name] = full
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self._gather_beams(len(self.trainer.datamodule.eval_set("val")))
+        super().on_validation_epoch_end()
+
+    def on_test_epoch_end(self) -> None:
+        self._gather_beams(len(self.trainer.datamodule.eval_set("test")))
+        super().on_test_epoch_end()
+
+    def rank_gallery(self, stage: str, embeddings: np.ndarray, eval_set) -> RetrievalReport:
+        """Beam-search ranking, plus the kNN baseline (``knn/``) and optionally exhaustive scoring (``exhaustive/``).
+
+        ``eval_set`` may be a subset of the stage's set (limited loaders): beams were searched against the full
+        gallery's trie, so images outside the evaluated subset are dropped from the rankings.
+        """
+        full = self.trainer.datamodule.eval_set(stage)
+        pos = np.searchsorted(full.record_ids, eval_set.record_ids)  # record_ids are sorted and unique
+        full_gallery_row = np.full(len(full), -1, dtype=np.int64)
+        full_gallery_row[full.gallery_positions] = np.arange(len(full.gallery_positions))
+        sub_of_full = np.full(len(full.gallery_positions), -1, dtype=np.int64)  # full gallery row -> subset row
+        sub_of_full[full_gallery_row[pos[eval_set.gallery_mask]]] = np.arange(int(eval_set.gallery_mask.sum()))
+        gallery_features = np.zeros((len(full.gallery_positions), embeddings.shape[1]), dtype=np.float32)
+        gallery_features[full_gallery_row[pos[eval_set.gallery_mask]]] = embeddings[eval_set.gallery_mask]
+        query_features = embeddings[eval_set.query_mask]
+        query_pos = pos[eval_set.query_mask]
+        q_labels, g_labels = eval_set.labels[eval_set.query_mask], eval_set.labels[eval_set.gallery_mask]
+        exclude = eval_set.self_exclusion()
+        depth = self.hparams.max_rank + (1 if (exclude >= 0).any() else 0)  # the query itself may take a slot
+
+        def evaluate(leaves: np.ndarray, scores: np.ndarray, depth: int) -> RetrievalReport:
+            nb, sc = expand_identifiers(leaves, scores, self._trie, query_features, gallery_features, depth)
+            nb = np.where(nb >= 0, sub_of_full[np.maximum(nb, 0)], -1)
+            return evaluate_rankings(nb, sc, q_labels, g_labels, exclude=exclude, ks=self.eval_ks)
+
+        report = evaluate(self._beams["leaves"][query_pos], self._beams["scores"][query_pos], depth)
+        knn = super().rank_gallery(stage, embeddings, eval_set)
+        report.metrics.update({f"knn/{k}": v for k, v in knn.metrics.items()})
+        if "exhaustive" in self._beams:
+            leaves, scores = rank_identifiers(self._beams["exhaustive"][query_pos])
+            exhaustive = evaluate(leaves, scores, len(full.gallery_positions))
+            report.metrics.update({f"exhaustive/{k}": v for k, v in exhaustive.metrics.items()})
+        report.metrics["identifiers"] = float(self._trie.num_leaves)
+        report.metrics["images_per_identifier"] = self._trie.num_items / max(1, self._trie.num_leaves)
+        return report

@@ -1,0 +1,86 @@
+"""DDP: evaluation gathered across 2 CPU processes equals single-process evaluation; extra ranks re-run the job.
+
+The 2-process run is a subprocess (Lightning re-executes the command line for rank 1, which must not be pytest).
+The evaluated set (closed-set digits test split, 1797 images) has an odd size, so the DistributedSampler pads
+rank 1 with a duplicate: the gather must de-duplicate by dataset index for the numbers to match.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from datamodules.digits import DigitsDataModule
+from irlab.baseline import EmbeddingBaseline
+from irlab.distributed import child_command, ddp_env_snapshot, end_ddp_job
+from irlab.train import run
+from tests.helpers import REPO, compose_config
+
+EVAL = ["protocol=closed_set", "model.embedding_dim=32", "dataset.eval_batch_size=300", "split=test",
+        "dataset.image_size=16", "dataset.resize_size=16"]  # 16 px: same code paths, a quarter of the compute
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A randomly initialised baseline (weights only): evaluation must not depend on how many ranks ran it."""
+    dm = DigitsDataModule(protocol="closed_set")
+    dm.setup()
+    assert len(dm.eval_set("test")) % 2 == 1, "the test needs an odd-sized set so that the sampler pads"
+    torch.manual_seed(0)
+    model = EmbeddingBaseline(num_classes=dm.num_classes, arch="resnet18", embedding_dim=32)
+    path = tmp_path_factory.mktemp("ckpt") / "random.ckpt"
+    torch.save({"state_dict": model.state_dict()}, path)
+    return path
+
+
+@pytest.mark.slow
+def test_two_process_ddp_metrics_equal_single_process(checkpoint, tmp_path):
+    single = run(compose_config([*EVAL, "trainer=cpu", f"ckpt_path={checkpoint}"], config_name="eval",
+                                output_dir=tmp_path / "single"))
+    ddp_dir = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "tests/scripts/ddp_eval.py", *EVAL, "trainer=ddp_cpu", f"ckpt_path={checkpoint}",
+         f"hydra.run.dir={ddp_dir}", f"paths.log_dir={tmp_path / 'logs'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "limited loader" not in proc.stdout + proc.stderr  # every image was evaluated
+    ranks = [json.loads((ddp_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # only rank 0 ran the search, over the whole de-duplicated set; rank 1 waited for the broadcast
+    assert ranks[0]["searched"] == [1797] and ranks[1]["searched"] == []
+    written = json.loads((ddp_dir / "metrics.json").read_text())["metrics"]
+    for key, value in single.items():
+        if key.endswith("search_seconds"):
+            continue
+        for got in (written[key], ranks[0]["metrics"][key], ranks[1]["metrics"][key]):
+            assert got == pytest.approx(value, abs=1e-6), key
+    assert single["test/queries_evaluated"] == 355
+
+
+def test_child_command_reruns_the_job_not_the_sweep():
+    argv = ["train.py", "-m", "--config-dir", "/extra/conf", "model.embedding_dim=16,32", "trainer=ddp"]
+    cmd = child_command(
+        argv, ["python", "/repo/train.py"], "train",
+        task_overrides=["model.embedding_dim=32", "trainer=ddp"],
+        hydra_overrides=["hydra.mode=MULTIRUN", "hydra.sweep.dir=/s", "hydra/launcher=slurm", "hydra.job.chdir=true"],
+        output_dir="/s/1", local_rank=1,
+    )
+    assert "-m" not in cmd and "model.embedding_dim=16,32" not in cmd
+    assert cmd[:4] == ["python", "/repo/train.py", "--config-dir", "/extra/conf"]
+    assert "--config-name=train" in cmd and "model.embedding_dim=32" in cmd and "hydra.job.chdir=true" in cmd
+    assert not any(c.startswith(("hydra.mode", "hydra.sweep", "hydra/launcher")) for c in cmd)
+    assert 'hydra.run.dir="/s/1"' in cmd and "hydra.output_subdir=null" in cmd
+
+
+def test_end_ddp_job_restores_launcher_environment(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "node7")
+    snapshot = ddp_env_snapshot()
+    monkeypatch.setenv("LOCAL_RANK", "0")  # what Lightning's launcher leaves behind in the launching process
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    end_ddp_job(snapshot)
+    import os
+
+    assert "LOCAL_RANK" not in os.environ and os.environ["MASTER_ADDR"] == "node7"

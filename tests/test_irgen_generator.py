@@ -1,0 +1,177 @@
+"""The generator LightningModule on the embedded digits: targets, a few training steps, evaluation, checkpoints.
+
+Until the tokenizer artifact exists, identifiers come from a tiny residual k-means over raw pixels (class-aware
+enough for digits), built here.
+"""
+
+import logging
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+
+from datamodules.digits import DigitsDataModule, load_digit_pixels
+from irgen.artifact import StaleArtifactError
+from irgen.generator import IRGenGenerator, draw_same_class
+from irgen.pipeline import run
+from irgen.trie import IdentifierTrie
+from tests.helpers import compose_config
+
+DEPTH, K = 3, 8
+
+
+def pixel_rq_codes(depth: int = DEPTH, k: int = K) -> np.ndarray:
+    """Residual k-means identifiers [N_records, D] of the digits' raw pixels (a stand-in tokenizer artifact)."""
+    pixels, _ = load_digit_pixels()
+    residual = pixels.reshape(len(pixels), -1).astype(np.float64) / 255.0
+    codes = []
+    for d in range(depth):
+        km = KMeans(k, n_init=1, max_iter=20, random_state=d).fit(residual)
+        codes.append(km.labels_)
+        residual = residual - km.cluster_centers_[km.labels_]
+    return np.stack(codes, 1).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def codes() -> np.ndarray:
+    return pixel_rq_codes()
+
+
+def small_generator(**kw) -> IRGenGenerator:
+    args = dict(code_depth=DEPTH, codebook_size=K, encoder={"arch": "vit_tiny", "image_size": 32}, width=32, layers=1,
+                heads=2, lr=1e-3, encoder_lr_scale=0.01, beam_size=6, eval_ks=(1, 2, 4), max_rank=20, seed=0)
+    args.update(kw)
+    return IRGenGenerator(**args)
+
+
+def trainer(**kw) -> L.Trainer:
+    args = dict(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
+    args.update(kw)
+    return L.Trainer(**args)
+
+
+def test_targets_are_same_class_and_redrawn_per_epoch():
+    labels = np.repeat(np.arange(5), [1, 2, 3, 10, 40])
+    a, b, a2 = draw_same_class(labels, 0, 0), draw_same_class(labels, 0, 1), draw_same_class(labels, 0, 0)
+    assert np.array_equal(labels[a], labels) and np.array_equal(labels[b], labels)
+    assert np.array_equal(a, a2) and not np.array_equal(a, b)  # deterministic given (seed, epoch)
+    assert a[0] == 0  # a singleton class can only draw itself
+    # every member of the large class is drawn now and then (uniform over the class)
+    drawn = np.concatenate([draw_same_class(labels, 0, e)[labels == 4] for e in range(20)])
+    assert len(np.unique(drawn)) == 40
+
+
+def test_training_steps_and_validation_report_beam_and_knn_metrics(codes, tmp_path):
+    dm = DigitsDataModule(protocol="closed_set", batch_size=32, eval_batch_size=512, seed=0)
+    model = small_generator()
+    model.set_identifiers(codes)
+    before = [p.detach().clone() for p in model.decoder.parameters()]
+    t = trainer(limit_train_batches=3)
+    t.fit(model, datamodule=dm)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.decoder.parameters(), strict=True))
+    m = {k: float(v) for k, v in t.callback_metrics.items()}
+    for key in ("val/R@1", "val/knn/R@1", "val/P@4_irgen", "val/P@4", "val/knn/mAP", "train/loss"):
+        assert key in m, sorted(m)
+    assert 0 <= m["val/R@1"] <= 1 and 0 <= m["val/knn/R@1"] <= 1
+    assert m["val/P@1_irgen"] == pytest.approx(m["val/R@1"])
+
+    # the ranked neighbours are gallery images whose identifiers are in the gallery's trie, ranked per the rule
+    dm.setup()
+    eval_set = dm.eval_set("val")
+    report = model.last_eval.report
+    assert report.neighbors.shape[0] == eval_set.query_mask.sum()
+    gallery_codes = codes[eval_set.record_ids[eval_set.gallery_mask]]
+    trie = IdentifierTrie.build(gallery_codes, K)
+    found = report.neighbors[report.neighbors >= 0]
+    assert len(found) > 0 and trie.contains(gallery_codes[found]).all()
+    per_query = (report.neighbors >= 0).sum(1)
+    assert (per_query >= 1).all() and (per_query <= 20).all()
+
+    # checkpoint: identifiers travel with the weights; a fresh module evaluates without the artifact
+    path = tmp_path / "gen.ckpt"
+    t.save_checkpoint(path)
+    fresh = small_generator()
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    fresh.load_state_dict(state["state_dict"])
+    assert torch.equal(fresh.codes, torch.from_numpy(codes))
+
+
+def test_zero_shot_limited_validation_and_exhaustive_scoring(codes):
+    dm = DigitsDataModule(protocol="zero_shot", batch_size=32, eval_batch_size=128, seed=0)
+    model = small_generator(exhaustive=True, beam_size=4)
+    model.set_identifiers(codes)
+    t = trainer(limit_val_batches=2)  # a subset of the eval set: rankings must drop images outside it
+    t.validate(model, datamodule=dm)
+    m = {k: float(v) for k, v in t.callback_metrics.items()}
+    for key in ("val/R@1", "val/knn/R@1", "val/exhaustive/R@1", "val/exhaustive/mAP"):
+        assert 0 <= m[key] <= 1, key
+    assert m["val/queries_evaluated"] == 256
+    report = model.last_eval.report
+    assert report.neighbors.max() < 256 and (report.neighbors >= 0).any()
+
+
+def test_bad_identifiers_are_clear_errors(codes):
+    model = small_generator()
+    with pytest.raises(ValueError, match="code_depth=3"):
+        model.set_identifiers(codes[:, :2])
+    with pytest.raises(ValueError, match="codebook_size=8"):
+        model.set_identifiers(codes + 8)
+    dm = DigitsDataModule(protocol="closed_set", batch_size=32, seed=0)
+    with pytest.raises(RuntimeError, match="set_identifiers"):
+        trainer(limit_val_batches=1).validate(model, datamodule=dm)
+
+
+PIPELINE_FAST = [
+    "experiment=digits_irgen", "trainer.accelerator=cpu", "trainer.max_epochs=1", "++trainer.limit_train_batches=2",
+    "callbacks.model_summary=null", "irgen.tokenizer.num_codes=8", "irgen.tokenizer.kmeans_niter=5",
+    "irgen.generator.width=32", "irgen.generator.layers=1", "irgen.generator.heads=2",
+    "irgen.stage_trainer.generator.max_epochs=1", "irgen.stage_trainer.generator.check_val_every_n_epoch=1",
+]
+
+
+def test_pipeline_generator_stage_trains_reuses_and_refuses_stale_outputs(tmp_path, caplog):
+    metrics = run(compose_config(PIPELINE_FAST, output_dir=tmp_path / "a"))
+    for key in ("test/R@1", "test/knn/R@1", "test/P@8_irgen", "val/R@1", "tokenizer/val/R@1"):
+        assert 0 <= metrics[key] <= 1, key
+    gen_dir = tmp_path / "a" / "logs" / "irgen_artifacts" / "digits_closed_set" / "generator"
+    assert (gen_dir / "done.json").is_file() and (gen_dir / "last.ckpt").is_file()
+
+    # a second run reuses the trained generator: no training, evaluation with the new beam size
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="irgen.pipeline")
+    cfg = compose_config(PIPELINE_FAST + ["irgen.stage=generator", "irgen.generator.beam_size=2"],
+                         output_dir=tmp_path / "b")
+    cfg.paths.log_dir = str(tmp_path / "a" / "logs")
+    again = run(cfg)
+    assert "reusing the trained generator" in caplog.text
+    assert "train/loss" not in again and 0 <= again["test/R@1"] <= 1
+
+    # another generator config over the same folder is refused with the command that retrains it
+    cfg = compose_config(PIPELINE_FAST + ["irgen.stage=generator", "irgen.generator.layers=2"],
+                         output_dir=tmp_path / "c")
+    cfg.paths.log_dir = str(tmp_path / "a" / "logs")
+    with pytest.raises(StaleArtifactError, match=r"irgen.stage=generator irgen.rebuild=true"):
+        run(cfg)
+
+
+@pytest.mark.parametrize("experiment,protocol", [("isc_irgen", "zero_shot"), ("cub_irgen", "closed_set")])
+def test_pipeline_runs_every_stage_on_fake_benchmarks(experiment, protocol, fake_data_dir, tmp_path):
+    """The paper's experiments end to end on tiny fake copies (no CLIP): In-shop query -> gallery, CUB."""
+    cfg = compose_config([
+        f"experiment={experiment}", f"protocol={protocol}", f"paths.data_dir={fake_data_dir}",
+        "irgen.tokenizer.encoder.arch=vit_tiny", "irgen.tokenizer.encoder.pretrained=false",
+        "irgen.tokenizer.min_points_per_code=1", "dataset.image_size=16", "dataset.resize_size=16",
+        "dataset.num_workers=0", "trainer.max_epochs=1", "trainer.accelerator=cpu", "callbacks.model_summary=null",
+        "irgen.generator.width=32", "irgen.generator.layers=1", "irgen.generator.heads=2",
+        "irgen.stage_trainer.generator.max_epochs=2",
+        # the fake In-shop has 2 training items: too few to hold validation items out of
+        *(["dataset.val_fraction=0"] if protocol == "zero_shot" else []),
+    ], output_dir=tmp_path)
+    metrics = run(cfg)
+    k = max(cfg.irgen.generator.eval_ks)
+    for key in ("test/R@1", f"test/R@{k}", f"test/P@{k}_irgen", "test/knn/R@1", "val/R@1"):
+        assert 0 <= metrics[key] <= 1, key
+    assert metrics["test/queries_evaluated"] == metrics["test/knn/queries_evaluated"] > 0
