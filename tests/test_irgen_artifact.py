@@ -54,6 +54,25 @@ def test_round_trip_is_exact_and_safe(tmp_path):
     assert loaded.meta["stats"] == {"collision_rate": 0.0}
 
 
+def test_a_write_killed_halfway_leaves_the_previous_artifact_intact(tmp_path, monkeypatch):
+    """The stage is killed while writing: no truncated file may ever sit under the artifact's name."""
+    old, new = make_artifact(seed=0), make_artifact(seed=1)
+    path = save_artifact(tmp_path / "identifiers.pt", old)
+    real_save = torch.save
+
+    def killed_mid_write(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as handle:  # truncate what was written, then die
+            handle.truncate(100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("irgen.artifact.torch.save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        save_artifact(path, new)
+    loaded = load_artifact(path, expected=expected_of(old))
+    assert torch.equal(loaded.codes, old.codes)
+
+
 @pytest.mark.parametrize("change,what", [
     (lambda e: e["dataset"].update(sha256="other"), "dataset.sha256"),
     (lambda e: e["tokenizer"]["model"].update(num_codes=256), "tokenizer.model.num_codes"),
