@@ -5,6 +5,7 @@ loop: AdamW without a scheduler), so the ratio isolates what the Trainer adds (h
 
     python bench/lightning_overhead.py                       # baseline on the embedded digits, CPU
     python bench/lightning_overhead.py --model areir --steps 30
+    python bench/lightning_overhead.py --model irgen_generator --device cuda --bf16    # on a GPU machine
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywher
 from datamodules.digits import DigitsDataModule  # noqa: E402
 
 
-def build_model(name: str, num_classes: int) -> L.LightningModule:
+def build_model(name: str, dm: DigitsDataModule) -> L.LightningModule:
+    num_classes = dm.num_classes
     if name == "baseline":
         from irlab.baseline import EmbeddingBaseline
 
@@ -38,6 +40,17 @@ def build_model(name: str, num_classes: int) -> L.LightningModule:
                                num_levels=4, num_codes=16)
         # codebooks from k-means on random features: the timed steps then cost what they cost in training
         model.refit_codebooks(torch.randn(512, model.quantizer.codebooks.shape[-1]))
+        return model
+    if name == "irgen_generator":
+        from irgen.generator import IRGenGenerator
+
+        model = IRGenGenerator(code_depth=4, codebook_size=16, encoder={"arch": "vit_tiny", "image_size": 32},
+                               width=128, layers=2, heads=4, encoder_lr_scale=0.01)
+        # random identifiers stand in for a tokenizer artifact: the step costs the same for any codes
+        codes = torch.randint(0, 16, (len(dm.records), 4), generator=torch.Generator().manual_seed(0))
+        model.set_identifiers(codes)
+        # what on_train_epoch_start draws through the trainer; the plain loop has no trainer
+        model._targets = codes[torch.from_numpy(dm.split.train_ids)]
         return model
     raise ValueError(f"unknown model {name!r}")
 
@@ -59,17 +72,22 @@ class StopAfter(L.Callback):
             self.elapsed = time.perf_counter() - self.start
 
 
-def lightning_images_per_second(model, dm, steps: int, warmup: int) -> float:
+def lightning_images_per_second(model, dm, steps: int, warmup: int, device: str, bf16: bool) -> float:
     timer = StopAfter(warmup)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=steps + warmup, limit_val_batches=0,
+    trainer = L.Trainer(accelerator="gpu" if device == "cuda" else "cpu", devices=1,
+                        precision="bf16-mixed" if bf16 else "32-true", max_epochs=1,
+                        limit_train_batches=steps + warmup, limit_val_batches=0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=True, callbacks=[timer],
                         enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     return timer.images / timer.elapsed
 
 
-def plain_images_per_second(model, dm, steps: int, warmup: int) -> float:
+def plain_images_per_second(model, dm, steps: int, warmup: int, device: str, bf16: bool) -> float:
     # configure_optimizers may read trainer state (schedules); an Adam-family step costs the same either way
+    model.to(device)
+    if getattr(model, "_targets", None) is not None:
+        model._targets = model._targets.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
     images, start = 0, None
@@ -78,18 +96,25 @@ def plain_images_per_second(model, dm, steps: int, warmup: int) -> float:
             start = time.perf_counter()
         if i >= steps + warmup:
             break
-        loss = model.training_step(batch, i)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            loss = model.training_step(batch, i)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if i >= warmup:
             images += len(batch["image"])
+    if device == "cuda":
+        torch.cuda.synchronize()
     return images / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="baseline", choices=["baseline", "areir", "irgen_tokenizer"])
+    parser.add_argument("--model", default="baseline",
+                        choices=["baseline", "areir", "irgen_tokenizer", "irgen_generator"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast / Lightning bf16-mixed (GPU)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=64)
@@ -106,11 +131,12 @@ def main() -> None:
     for name, fn in runners:
         L.seed_everything(0, verbose=False)
         # the plain loop has no trainer: silence self.log() calls that only a Trainer can record
-        model = build_model(args.model, dm.num_classes)
+        model = build_model(args.model, dm)
         model.log = lambda *a, **k: None
-        results[name] = fn(model, dm, args.steps, args.warmup)
+        results[name] = fn(model, dm, args.steps, args.warmup, args.device, args.bf16)
     plain, lightning = results["plain PyTorch loop"], results["Lightning Trainer.fit"]
-    print(f"\nmodel={args.model} batch={args.batch_size} steps={args.steps} threads={torch.get_num_threads()}")
+    print(f"\nmodel={args.model} device={args.device} bf16={args.bf16} batch={args.batch_size} steps={args.steps} "
+          f"threads={torch.get_num_threads()}")
     for name, value in results.items():
         print(f"  {name:<24} {value:8.1f} images/s")
     print(f"  Lightning / plain ratio  {lightning / plain:8.3f}  (overhead {100 * (1 - lightning / plain):+.1f}%)")
