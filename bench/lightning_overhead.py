@@ -1,7 +1,8 @@
 """Lightning overhead: training images/s of a LightningModule under `Trainer.fit` vs a plain PyTorch loop.
 
-Both run the same model (`training_step`) and the same batches, one after the other in one process (plain
-loop: AdamW without a scheduler), so the ratio isolates what the Trainer adds (hooks, logging, progress bar).
+Both run the same model (`training_step`), the module's own optimizer (no scheduler in the plain loop) and the
+same batches, one after the other in one process, so the ratio isolates what the Trainer adds (hooks,
+logging, progress bar).
 
     python bench/lightning_overhead.py                       # baseline on the embedded digits, CPU
     python bench/lightning_overhead.py --model areir --steps 30
@@ -81,6 +82,22 @@ def lightning_images_per_second(model, dm, steps: int, warmup: int, device: str,
                         enable_model_summary=False)
     trainer.fit(model, datamodule=dm)
     return timer.images / timer.elapsed
+
+
+def module_optimizer(model: L.LightningModule) -> torch.optim.Optimizer:
+    """The module's own optimizer (same step cost as under Lightning), built with a detached bare Trainer for
+    the schedule lengths it reads; AdamW when the module needs more trainer state than that."""
+    try:
+        model.trainer = L.Trainer(max_epochs=1, logger=False, enable_checkpointing=False,
+                                  enable_progress_bar=False, enable_model_summary=False)
+        conf = model.configure_optimizers()
+    except Exception as exc:  # noqa: BLE001 - any trainer state it needs means: fall back
+        print(f"  (plain loop: AdamW, the module's configure_optimizers needs a fitted trainer: {exc})")
+        return torch.optim.AdamW(model.parameters(), lr=1e-4)
+    finally:
+        model.trainer = None
+    optimizer = conf["optimizer"] if isinstance(conf, dict) else conf
+    return optimizer[0] if isinstance(optimizer, list | tuple) else optimizer
 
 
 def plain_images_per_second(model, dm, steps: int, warmup: int, device: str, bf16: bool) -> float:
