@@ -59,14 +59,17 @@ def content_hash(codes: torch.Tensor, codebooks: torch.Tensor) -> str:
 
 
 def dataset_fingerprint(datamodule) -> dict[str, Any]:
-    """What identifies the data an artifact indexes: records (path, label, official split) and protocol split.
+    """What identifies the data an artifact indexes: records (path under the dataset root, label, official split)
+    and protocol split.
 
     ``train_ids_sha256`` covers the protocol split actually used to train the tokenizer (it changes with the
     protocol, ``val_fraction`` and the carving seed even when the records are the same).
     """
     datamodule.setup()
     records = datamodule.records
-    rows = "\n".join(f"{r.path}\t{r.label}\t{r.split}" for r in records).encode()
+    root = str(datamodule.root).rstrip("/") + "/"
+    # paths relative to the dataset root: moving the unpacked dataset elsewhere keeps its artifacts valid
+    rows = "\n".join(f"{r.path.removeprefix(root)}\t{r.label}\t{r.split}" for r in records).encode()
     train_ids = np.ascontiguousarray(np.asarray(datamodule.split.train_ids, dtype="<i8"))
     return {
         "name": datamodule.name,

@@ -165,3 +165,16 @@ def test_quantized_retrieval_reports_raw_quantized_and_prefix():
     assert out["raw_R@1"] == 1.0
     assert out["prefix_R@1"] == 1.0  # the first code is the class: prefix ranking is perfect
     assert out["quantized_R@1"] < 0.5  # identical reconstructions carry no information (ties -> index order)
+
+
+def test_fingerprint_survives_moving_the_dataset_but_not_changing_it(tmp_path):
+    from datamodules.cub import CUBDataModule
+    from tests.fixtures.fake_datasets import make_fake_cub
+
+    def fingerprint(root):
+        return dataset_fingerprint(CUBDataModule(root=str(root), image_size=32))
+
+    here, there = make_fake_cub(tmp_path / "a" / "cub"), make_fake_cub(tmp_path / "elsewhere" / "cub")
+    assert fingerprint(here) == fingerprint(there)
+    different = make_fake_cub(tmp_path / "b" / "cub", n_classes=6)
+    assert fingerprint(different)["sha256"] != fingerprint(here)["sha256"]
