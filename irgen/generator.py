@@ -27,7 +27,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from irgen.beam_search import beam_search
 from irgen.decoder import DecoderConfig, IdentifierDecoder
@@ -35,11 +34,8 @@ from irgen.encoders import build_encoder
 from irgen.ranking import expand_identifiers, rank_identifiers, score_all_identifiers
 from irgen.trie import IdentifierTrie, validate_codes
 from irlab.module import RetrievalModule
+from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_rankings
-
-
-def _plain(x):
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig | ListConfig) else x
 
 
 def draw_same_class(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -81,8 +77,8 @@ class IRGenGenerator(RetrievalModule):
         if code_depth is None or codebook_size is None:
             raise ValueError("code_depth and codebook_size must be the identifier artifact's D and K: irgen.pipeline "
                              "fills them from the artifact; when building the generator yourself, pass them")
-        encoder = dict(_plain(encoder) or {})  # plain containers: checkpoints stay loadable with weights_only=True
-        eval_ks = [int(k) for k in _plain(eval_ks)]
+        encoder = dict(to_plain(encoder) or {})  # plain containers: checkpoints stay loadable with weights_only=True
+        eval_ks = [int(k) for k in to_plain(eval_ks)]
         self.save_hyperparameters()
         self.encoder = build_encoder(encoder.get("arch", "vit_tiny"), encoder.get("image_size", 224),
                                      encoder.get("pretrained", False))

@@ -33,8 +33,9 @@ from datamodules.base import RetrievalDataModule
 from irgen.artifact import IdentifierArtifact, StaleArtifactError, dataset_fingerprint, load_artifact, save_artifact
 from irgen.identifier_stats import identifier_stats, quantized_retrieval
 from irgen.kmeans import effective_num_codes
+from irlab.plain import to_plain
 from irlab.reporting import print_metrics, write_metrics
-from irlab.train import build_datamodule, build_model, instantiate_group, log_hyperparameters
+from irlab.train import build_datamodule, build_model, instantiate_group, log_hyperparameters, logged_metrics
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,7 @@ class PipelineContext:
 
 # ---- what an artifact must match -----------------------------------------------------------------------
 def _plain(node: Any) -> Any:
-    return json.loads(json.dumps(OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig)
-                                 else node, sort_keys=True))
+    return json.loads(json.dumps(to_plain(node), sort_keys=True))
 
 
 def tokenizer_signature(cfg: DictConfig, datamodule: RetrievalDataModule) -> dict[str, Any]:
@@ -156,7 +156,7 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
     if last.is_file():
         log.info(f"tokenizer: resuming the interrupted stage from {last}")
     trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics = logged_metrics(trainer, "val/")
 
     codes, features = encode_records(model, dm)
     recon = model.quantizer.decode(codes.to(model.device))[:, -1].cpu()
@@ -301,7 +301,7 @@ def generator_stage(ctx: PipelineContext) -> dict[str, float]:
         if last.is_file():
             log.info(f"generator: resuming the interrupted stage from {last}")
         trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))})
+        metrics.update(logged_metrics(trainer, "val/", "train/"))
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         best = best_path or str(last)
         if trainer.is_global_zero:
@@ -310,7 +310,7 @@ def generator_stage(ctx: PipelineContext) -> dict[str, float]:
     if cfg.get("test", True):
         log.info(f"generator: testing {best}")
         trainer.test(model, datamodule=dm, ckpt_path=best, weights_only=True)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        metrics.update(logged_metrics(trainer, "test/"))
     return metrics
 
 

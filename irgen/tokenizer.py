@@ -20,7 +20,6 @@ from collections.abc import Mapping
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -30,17 +29,13 @@ from irgen.kmeans import check_enough_points
 from irgen.quantizer import Quantized, ResidualQuantizer, perplexity
 from irlab.baseline import NormalizedSoftmaxLoss
 from irlab.module import RetrievalModule
+from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
 
 log = logging.getLogger(__name__)
 
 UPDATES = ("refit", "ema")
 DEFAULT_LOSS = {"raw": 1.0, "partial": 1.0, "commit": 0.25}
-
-
-def _plain(x):
-    """DictConfig -> dict so that hyperparameters stay loadable with ``weights_only=True``."""
-    return OmegaConf.to_container(x, resolve=True) if isinstance(x, DictConfig) else x
 
 
 class IRGenTokenizer(RetrievalModule):
@@ -65,8 +60,8 @@ class IRGenTokenizer(RetrievalModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        encoder = dict(_plain(encoder) or {})
-        loss_weights = {**DEFAULT_LOSS, **dict(_plain(loss_weights) or {})}
+        encoder = dict(to_plain(encoder) or {})
+        loss_weights = {**DEFAULT_LOSS, **dict(to_plain(loss_weights) or {})}
         if set(loss_weights) - set(DEFAULT_LOSS):
             raise ValueError(f"loss_weights keys must be {sorted(DEFAULT_LOSS)}, got {sorted(loss_weights)}")
         if codebook_update not in UPDATES:

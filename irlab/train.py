@@ -37,6 +37,11 @@ def instantiate_group(group: DictConfig | None, kind: type) -> list:
     return objects
 
 
+def logged_metrics(trainer: L.Trainer, *prefixes: str) -> dict[str, float]:
+    """The trainer's latest logged values whose names start with one of `prefixes`, as floats."""
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(prefixes)}
+
+
 def build_datamodule(cfg: DictConfig) -> RetrievalDataModule:
     datamodule = hydra.utils.instantiate(cfg.dataset)
     datamodule.setup()
@@ -109,14 +114,14 @@ def fit_and_test(cfg: DictConfig) -> dict[str, float]:
                     "checkpoint selection sees test labels. Set dataset.val_fraction for honest model selection.")
 
     trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    metrics = logged_metrics(trainer, "val/", "train/")
 
     if cfg.get("test"):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
             log.info(f"testing best checkpoint {best}")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+        metrics.update(logged_metrics(trainer, "test/"))
 
     if trainer.is_global_zero:
         write_metrics(output_dir / "metrics.json", metrics, datamodule.describe())
@@ -138,7 +143,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         trainer.validate(model, datamodule=datamodule)
     else:
         trainer.test(model, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(f"{stage}/")}
+    metrics = logged_metrics(trainer, f"{stage}/")
     if trainer.is_global_zero:
         write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, datamodule.describe())
         print_metrics(metrics, title=f"eval {Path(ckpt).name}: {datamodule.name} / {datamodule.protocol}")
