@@ -187,6 +187,17 @@ class RetrievalDataModule(L.LightningDataModule):
         raw = np.array([self.records[i].label for i in self.split.train_ids], dtype=np.int64)
         return np.searchsorted(self.split.train_classes, raw)
 
+    def target_pool(self) -> tuple[np.ndarray, np.ndarray]:
+        """(record ids, contiguous labels) of the database images a generative model may be trained to emit.
+
+        The protocol's ``target_ids``: under closed-set they include the validation queries, which are held out
+        as training inputs only (`datamodules.protocol`). Labels use the training classes' numbering.
+        """
+        self._require_setup()
+        ids = self.split.target_ids
+        raw = np.array([self.records[i].label for i in ids], dtype=np.int64)
+        return ids, np.searchsorted(self.split.train_classes, raw)
+
     def eval_set(self, stage: str) -> EvalSet:
         """The evaluated set behind `val_dataloader` ("val") or `test_dataloader` ("test")."""
         self._require_setup()
@@ -266,6 +277,7 @@ class RetrievalDataModule(L.LightningDataModule):
             "dataset": self.name,
             "protocol": self.protocol,
             "train_images": int(len(self.split.train_ids)),
+            "train_targets": int(len(self.split.target_ids)),
             "train_classes": self.num_classes,
             "test_queries": int(self.split.test.query_mask.sum()),
             "test_gallery": int(self.split.test.gallery_mask.sum()),

@@ -6,11 +6,19 @@ Two protocols are supported and every result records which one produced it:
   half of the class ids (in id order) trains and the second half tests for CUB/CARS/the embedded set; SOP uses its
   train/test files and In-shop its train vs query/gallery partition. Retrieval is all-vs-all inside the test set
   with the query itself excluded by index (In-shop: query -> gallery).
-* ``closed_set`` -- the IRGen paper's. All classes are seen in training: the database (gallery) is the official
-  train split and the queries are the official test split (In-shop: query -> gallery).
+* ``closed_set`` -- the IRGen paper's. Every test class is seen in training and the database is trained on:
+  CUB/CARS train on their official train split, which is also the database (gallery), and their test split
+  queries it. In-shop is the paper's "trainval" setting: training uses the train *and* gallery items (all
+  7,982 items; never the queries), the database is the gallery (12,612 images) and the 14,218 queries search it.
 
 Model selection must not look at the test set, so `build_protocol` can also carve a validation set out of the
-training data (``val_fraction``): held-out classes for zero-shot, held-out images of every class for closed-set.
+training data (``val_fraction``):
+
+* zero-shot: held-out *classes* (they leave training entirely, like the test classes);
+* closed-set: held-out *images* of every class that can spare one. They are held out as training **inputs**
+  only: the database (``target_ids``, what a generative model learns to emit and what the test gallery holds)
+  keeps every image, so no test identifier is removed from the training targets. Validation queries retrieve
+  from the remaining training images.
 """
 
 from __future__ import annotations
@@ -67,11 +75,18 @@ class EvalSet:
 @dataclass
 class ProtocolSplit:
     protocol: str
-    train_ids: np.ndarray  # record ids used for training
+    train_ids: np.ndarray  # record ids used as training inputs
     train_classes: np.ndarray  # sorted original class ids of train_ids; model label = position in this array
     val: EvalSet
     test: EvalSet
     val_is_test: bool  # True when no validation split was carved (validation then reports test metrics)
+    # record ids of the database a generative model may emit as targets (sorted): closed-set keeps the
+    # validation queries here (held out as inputs only); zero-shot equals train_ids
+    target_ids: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.target_ids is None:
+            self.target_ids = np.sort(self.train_ids)
 
 
 def _eval_set(name: str, records: Sequence[ImageRecord], query_ids, gallery_ids) -> EvalSet:
@@ -113,8 +128,11 @@ def build_protocol(
     all_ids = np.arange(len(records))
     has_query_gallery = bool(np.isin(splits, ["query", "gallery"]).any())
 
-    if has_query_gallery:  # In-shop: both protocols retrieve query -> gallery and train on "train"
-        train_ids = all_ids[splits == "train"]
+    if has_query_gallery:  # In-shop: both protocols retrieve query -> gallery
+        # zero-shot trains on the train items (disjoint from the gallery's); closed-set on train + gallery
+        # (the IRGen paper's trainval setting: every gallery identifier is a training target)
+        train_split = ["train"] if protocol == "zero_shot" else ["train", "gallery"]
+        train_ids = all_ids[np.isin(splits, train_split)]
         test = _eval_set("test", records, all_ids[splits == "query"], all_ids[splits == "gallery"])
     elif protocol == "zero_shot":
         if zero_shot_split == "class_halves":
@@ -139,9 +157,13 @@ def build_protocol(
         raise ValueError(f"protocol {protocol} left an empty train or test set ({len(train_ids)}/{len(test)} images)")
 
     val, val_is_test = test, True
+    # closed-set: the database keeps the validation queries (held out as inputs only), zero-shot: it does not
+    target_ids = np.sort(train_ids)
     if val_fraction > 0:
         train_ids, val = _carve_validation(records, labels, train_ids, protocol, val_fraction, seed)
         val_is_test = False
+        if protocol == "zero_shot":
+            target_ids = np.sort(train_ids)
     return ProtocolSplit(
         protocol=protocol,
         train_ids=train_ids,
@@ -149,11 +171,15 @@ def build_protocol(
         val=val,
         test=test,
         val_is_test=val_is_test,
+        target_ids=target_ids,
     )
 
 
 def _carve_validation(records, labels, train_ids, protocol, fraction, seed):
-    """Hold out classes (zero-shot) or per-class images (closed-set) from training for model selection."""
+    """Hold out classes (zero-shot) or per-class images (closed-set) from the training inputs for model selection.
+
+    Returns (training input ids, validation set). Closed-set validation queries retrieve the kept training images.
+    """
     if not 0 < fraction < 1:
         raise ValueError(f"val_fraction must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)

@@ -1,18 +1,21 @@
 """IRGen stage 2: image encoder + identifier decoder, trained to emit the identifier of a same-class image.
 
 Training: for every training image of class c the target is the identifier of a randomly drawn DATABASE image of
-class c (database = the training split in both protocols; the draw may pick the image itself). Targets are
-redrawn every epoch from ``(seed, epoch)``, so runs and resumed runs see the same targets. Loss: label-smoothed
-cross-entropy over the D levels. AdamW (no decay on biases/norms), linear warm-up then cosine, the encoder at
-``encoder_lr_scale`` times the decoder's learning rate (0 freezes it: no backward through the encoder). The
-pipeline can start the encoder from the tokenizer's trained one (``encoder_init: tokenizer``).
+class c (`RetrievalDataModule.target_pool`: the training split, In-shop's train + gallery under closed-set, and
+closed-set validation queries, which are held out as inputs only; the draw may pick the image itself). Targets
+are redrawn every epoch from ``(seed, epoch)``, so runs and resumed runs see the same targets. Loss:
+label-smoothed cross-entropy over the D levels. AdamW (no decay on biases/norms) with ``betas``, the learning
+rate ``schedule`` of `irlab.schedules`, the encoder at ``encoder_lr_scale`` times the decoder's learning rate
+(0 freezes it: no backward through the encoder). The pipeline can start the encoder from the tokenizer's
+trained one (``encoder_init: tokenizer``).
 
 Evaluation (overrides the shared loop's ranking, keeps its metrics): each evaluated image is encoded once; its
-global token (L2-normalised) is kept for the kNN baseline and the within-identifier order, and query images
-are beam-searched in the same step (all encoder tokens are needed by the decoder and never stored). The trie
-holds the identifiers of the eval set's GALLERY records (closed_set: the database the model trained on;
-zero_shot: test images it never saw as targets). Logged per stage: ``R@k``, ``P@k``, ``P@k_irgen``, ... from beam
-search, ``knn/...`` from exact kNN over the same encoder's global features, optionally ``exhaustive/...``.
+global token (L2-normalised) is kept for the kNN and rerank rows, and query images are beam-searched in the same
+step (all encoder tokens are needed by the decoder and never stored). The trie holds the identifiers of the eval
+set's GALLERY records (closed_set: the database the model trained on; zero_shot: test images it never saw as
+targets). Three rows are logged per stage (`rank_gallery`): ``R@k``, ``P@k``, ``P@k_irgen``, ... as the paper
+ranks, ``rerank/...`` (beam candidates by cosine) and ``knn/...`` (exact kNN over the same features), optionally
+``exhaustive/...``.
 
 Identifiers come from the tokenizer artifact via `set_identifiers(codes)` (``codes[record_id]``); they are a
 buffer of the module, so a checkpoint evaluates without the artifact.
@@ -31,20 +34,28 @@ import torch.nn.functional as F
 from irgen.beam_search import beam_search
 from irgen.decoder import DecoderConfig, IdentifierDecoder
 from irgen.encoders import build_encoder
-from irgen.ranking import expand_identifiers, rank_identifiers, score_all_identifiers
+from irgen.ranking import expand_identifiers, rank_identifiers, rerank_by_similarity, score_all_identifiers
 from irgen.trie import IdentifierTrie, validate_codes
 from irlab.module import RetrievalModule
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_rankings
 
 
-def draw_same_class(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
-    """For each position, a uniformly drawn position with the same label (itself allowed); vectorized."""
+def draw_same_class(labels: np.ndarray, seed: int, epoch: int, pool_labels: np.ndarray | None = None) -> np.ndarray:
+    """For each position of `labels`, a uniformly drawn position of `pool_labels` (default: `labels` itself,
+    the drawing position allowed) with the same label; vectorized and deterministic given (seed, epoch).
+
+    One draw per epoch gives every visit of an image a fresh target, as the reference's per-step draw does.
+    """
     labels = np.asarray(labels)
+    pool = labels if pool_labels is None else np.asarray(pool_labels)
     rng = np.random.default_rng((seed, epoch))
-    order = np.argsort(labels, kind="stable")
-    _, start, size = np.unique(labels[order], return_index=True, return_counts=True)
-    cls = np.searchsorted(labels[order][start], labels)
+    order = np.argsort(pool, kind="stable")
+    classes, start, size = np.unique(pool[order], return_index=True, return_counts=True)
+    cls = np.searchsorted(classes, labels)
+    if np.any(cls >= len(classes)) or np.any(classes[np.minimum(cls, len(classes) - 1)] != labels):
+        missing = sorted(set(labels.tolist()) - set(classes.tolist()))[:5]
+        raise ValueError(f"no target image for training classes {missing}: the target pool must hold every class")
     pick = start[cls] + np.floor(rng.random(len(labels)) * size[cls]).astype(np.int64)
     return order[pick]
 
@@ -141,8 +152,9 @@ class IRGenGenerator(RetrievalModule):
 
     def on_train_epoch_start(self) -> None:
         dm = self.trainer.datamodule
-        drawn = draw_same_class(dm.train_labels, self.hparams.seed, self.current_epoch)
-        self._targets = torch.from_numpy(self._record_codes(dm.split.train_ids[drawn])).to(self.device)
+        pool_ids, pool_labels = dm.target_pool()  # the database: closed-set keeps validation queries as targets
+        drawn = draw_same_class(dm.train_labels, self.hparams.seed, self.current_epoch, pool_labels)
+        self._targets = torch.from_numpy(self._record_codes(pool_ids[drawn])).to(self.device)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         targets = self._targets[batch["index"]]  # [B, D]
@@ -238,7 +250,14 @@ class IRGenGenerator(RetrievalModule):
         super().on_test_epoch_end()
 
     def rank_gallery(self, stage: str, embeddings: np.ndarray, eval_set) -> RetrievalReport:
-        """Beam-search ranking, plus the kNN baseline (``knn/``) and optionally exhaustive scoring (``exhaustive/``).
+        """Three rankings of the same queries, logged side by side (see the module docstring):
+
+        * ``<metric>`` -- generative retrieval as the paper ranks it: beam order, the images of one identifier
+          in database order, the list cut to ``beam_size`` images (the reference's ``anss[:k]``);
+        * ``rerank/<metric>`` -- the first ``max_rank`` images of the beams' identifiers reordered by cosine
+          similarity of the encoder's global features;
+        * ``knn/<metric>`` -- exact kNN over the same features (the linear-scan baseline);
+        * optionally ``exhaustive/<metric>``: every identifier scored by teacher forcing, paper order.
 
         ``eval_set`` may be a subset of the stage's set (limited loaders): beams were searched against the full
         gallery's trie, so images outside the evaluated subset are dropped from the rankings.
@@ -249,25 +268,31 @@ class IRGenGenerator(RetrievalModule):
         full_gallery_row[full.gallery_positions] = np.arange(len(full.gallery_positions))
         sub_of_full = np.full(len(full.gallery_positions), -1, dtype=np.int64)  # full gallery row -> subset row
         sub_of_full[full_gallery_row[pos[eval_set.gallery_mask]]] = np.arange(int(eval_set.gallery_mask.sum()))
-        gallery_features = np.zeros((len(full.gallery_positions), embeddings.shape[1]), dtype=np.float32)
-        gallery_features[full_gallery_row[pos[eval_set.gallery_mask]]] = embeddings[eval_set.gallery_mask]
         query_features = embeddings[eval_set.query_mask]
+        gallery_features = embeddings[eval_set.gallery_mask]
         query_pos = pos[eval_set.query_mask]
         q_labels, g_labels = eval_set.labels[eval_set.query_mask], eval_set.labels[eval_set.gallery_mask]
         exclude = eval_set.self_exclusion()
-        depth = self.hparams.max_rank + (1 if (exclude >= 0).any() else 0)  # the query itself may take a slot
+        spare = 1 if (exclude >= 0).any() else 0  # the query itself may take a slot before it is removed
+        leaves, scores = self._beams["leaves"][query_pos], self._beams["scores"][query_pos]
 
-        def evaluate(leaves: np.ndarray, scores: np.ndarray, depth: int) -> RetrievalReport:
-            nb, sc = expand_identifiers(leaves, scores, self._trie, query_features, gallery_features, depth)
-            nb = np.where(nb >= 0, sub_of_full[np.maximum(nb, 0)], -1)
-            return evaluate_rankings(nb, sc, q_labels, g_labels, exclude=exclude, ks=self.eval_ks)
+        def expanded(leaves: np.ndarray, scores: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+            nb, sc = expand_identifiers(leaves, scores, self._trie, depth)
+            return np.where(nb >= 0, sub_of_full[np.maximum(nb, 0)], -1), sc
 
-        report = evaluate(self._beams["leaves"][query_pos], self._beams["scores"][query_pos], depth)
+        def evaluate(nb: np.ndarray, sc: np.ndarray, depth: int | None) -> RetrievalReport:
+            return evaluate_rankings(nb, sc, q_labels, g_labels, exclude=exclude, ks=self.eval_ks, depth=depth)
+
+        beam = self.hparams.beam_size
+        report = evaluate(*expanded(leaves, scores, beam + spare), beam)
+        candidates, _ = expanded(leaves, scores, self.hparams.max_rank + spare)
+        reranked = evaluate(*rerank_by_similarity(candidates, query_features, gallery_features), None)
+        report.metrics.update({f"rerank/{k}": v for k, v in reranked.metrics.items()})
         knn = super().rank_gallery(stage, embeddings, eval_set)
         report.metrics.update({f"knn/{k}": v for k, v in knn.metrics.items()})
         if "exhaustive" in self._beams:
-            leaves, scores = rank_identifiers(self._beams["exhaustive"][query_pos])
-            exhaustive = evaluate(leaves, scores, len(full.gallery_positions))
+            all_leaves, all_scores = rank_identifiers(self._beams["exhaustive"][query_pos])
+            exhaustive = evaluate(*expanded(all_leaves, all_scores, len(full.gallery_positions)), None)
             report.metrics.update({f"exhaustive/{k}": v for k, v in exhaustive.metrics.items()})
         report.metrics["identifiers"] = float(self._trie.num_leaves)
         report.metrics["images_per_identifier"] = self._trie.num_items / max(1, self._trie.num_leaves)

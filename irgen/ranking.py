@@ -1,8 +1,12 @@
-"""From identifiers to ranked images: beam expansion and exhaustive (teacher-forced) scoring.
+"""From identifiers to ranked images: beam expansion, reranking and exhaustive (teacher-forced) scoring.
 
-Ranking rule (documented, tested): identifiers in descending score; the images of one identifier -- which all
-share that score -- in descending cosine similarity between the query's encoder global feature and theirs
-(ties: database order). Database order alone would reward whatever order the dataset files happen to have.
+Two ranking rules, both logged by every IRGen evaluation (`irgen.generator`):
+
+* paper (`expand_identifiers`): identifiers in beam order, the images of one identifier -- which all share
+  its score -- in database order. This is what the reference code returns (``IRGen.beam_search``: for each
+  beam, every database image with that identifier in index order, the list cut to the beam size).
+* rerank (`rerank_by_similarity`): the images of the beams' identifiers reordered by cosine similarity of the
+  encoder's global features ("generate, then rerank", as in later generative-retrieval work, e.g. GENIUS).
 
 Beam search only returns B identifiers, so its ranking is truncated; the exhaustive mode scores *every*
 identifier of the database by teacher forcing (O(identifiers) decoder passes per query, batched; for PR curves
@@ -21,18 +25,13 @@ _FLAT_CHUNK = 1 << 22  # floats per row-wise dot-product chunk (16 MB)
 
 
 def expand_identifiers(
-    leaves: np.ndarray,
-    leaf_scores: np.ndarray,
-    trie: IdentifierTrie,
-    query_features: np.ndarray | None,
-    gallery_features: np.ndarray | None,
-    depth: int,
+    leaves: np.ndarray, leaf_scores: np.ndarray, trie: IdentifierTrie, depth: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Ranked database positions ``[Q, depth]`` (-1 padded) and their scores (the identifier's score, NaN pad).
 
-    ``leaves`` int64 ``[Q, L]`` leaf ids in rank order (-1 = no identifier), ``leaf_scores`` ``[Q, L]``.
-    Features (``[Q, d]`` and ``[N, d]``, L2-normalised) order images inside one identifier; None keeps database
-    order. Vectorized over all (query, identifier, image) triples; identifiers beyond ``depth`` images are skipped.
+    ``leaves`` int64 ``[Q, L]`` leaf ids in rank order (-1 = no identifier), ``leaf_scores`` ``[Q, L]``. Images
+    of one identifier come in database order (the trie keeps them sorted); the list stops after ``depth``
+    images. Vectorized over all (query, identifier, image) triples.
     """
     leaves = np.asarray(leaves, dtype=np.int64)
     n_q, n_l = leaves.shape
@@ -42,18 +41,10 @@ def expand_identifiers(
     sizes = np.where(valid, item_start[safe + 1] - item_start[safe], 0)
     before = np.cumsum(sizes, axis=1) - sizes
     sizes = np.where(before < depth, sizes, 0).reshape(-1)  # identifiers that cannot reach the top `depth`
-    slot = np.repeat(np.arange(n_q * n_l), sizes)  # slot = query * L + beam rank: sorting by it keeps the ranks
+    slot = np.repeat(np.arange(n_q * n_l), sizes)  # slot = query * L + beam rank: sorted, so ranks are kept
     offset_in_slot = np.arange(len(slot)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     image = items[np.repeat(item_start[safe.reshape(-1)], sizes) + offset_in_slot]
     query = slot // n_l
-    if query_features is not None and gallery_features is not None and len(slot):
-        sim = np.empty(len(slot), dtype=np.float32)
-        step = max(1, _FLAT_CHUNK // max(1, query_features.shape[1]))
-        for lo in range(0, len(slot), step):
-            hi = lo + step
-            sim[lo:hi] = np.einsum("nd,nd->n", query_features[query[lo:hi]], gallery_features[image[lo:hi]])
-        order = np.lexsort((-sim, slot))  # stable: equal similarity keeps database order
-        slot, image, query = slot[order], image[order], query[order]
     per_query = np.bincount(query, minlength=n_q)
     rank = np.arange(len(slot)) - np.repeat(np.cumsum(per_query) - per_query, per_query)
     keep = rank < depth
@@ -62,6 +53,28 @@ def expand_identifiers(
     neighbors[query[keep], rank[keep]] = image[keep]
     scores[query[keep], rank[keep]] = np.asarray(leaf_scores, dtype=np.float32).reshape(-1)[slot[keep]]
     return neighbors, scores
+
+
+def rerank_by_similarity(
+    neighbors: np.ndarray, query_features: np.ndarray, gallery_features: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The same candidates per query (``-1`` = padding, kept last) in descending cosine similarity between
+    the query's feature and theirs (ties: the given order); returns (neighbours, similarities, NaN pad).
+
+    Features are L2-normalised ``[Q, d]`` and ``[N, d]``.
+    """
+    neighbors = np.asarray(neighbors, dtype=np.int64)
+    valid = neighbors >= 0
+    rows, cols = np.nonzero(valid)
+    sim = np.full(neighbors.shape, -np.inf, dtype=np.float32)
+    step = max(1, _FLAT_CHUNK // max(1, query_features.shape[1]))
+    for lo in range(0, len(rows), step):
+        r, c = rows[lo : lo + step], cols[lo : lo + step]
+        sim[r, c] = np.einsum("nd,nd->n", query_features[r], gallery_features[neighbors[r, c]])
+    order = np.argsort(-sim, axis=1, kind="stable")  # padding (-inf) sorts last
+    ranked = np.take_along_axis(neighbors, order, axis=1)
+    ranked_sim = np.take_along_axis(sim, order, axis=1)
+    return ranked, np.where(ranked >= 0, ranked_sim, np.nan).astype(np.float32)
 
 
 @torch.no_grad()

@@ -425,11 +425,27 @@ def test_inshop_reads_every_layout(tmp_path, layout):
 @pytest.mark.parametrize("protocol", ["zero_shot", "closed_set"])
 def test_inshop_query_gallery_split_under_both_protocols(fake_inshop, protocol):
     dm = loaded(InShopDataModule, fake_inshop, protocol=protocol)
-    assert dm.split.train_ids.tolist() == list(range(6)) and dm.split.train_classes.tolist() == ITEMS[:2]
+    if protocol == "zero_shot":  # train items only: disjoint from the gallery's
+        assert dm.split.train_ids.tolist() == list(range(6)) and dm.split.train_classes.tolist() == ITEMS[:2]
+    else:  # the IRGen paper's trainval setting: train + gallery items, never a query
+        assert dm.split.train_ids.tolist() == [0, 1, 2, 3, 4, 5, 7, 8, 10, 11]
+        assert dm.split.train_classes.tolist() == ITEMS
+    assert dm.split.target_ids.tolist() == dm.split.train_ids.tolist()
     test = dm.split.test
     assert test.record_ids[test.query_mask].tolist() == [6, 9]
     assert test.record_ids[test.gallery_mask].tolist() == [7, 8, 10, 11]
     assert (test.self_exclusion() == -1).all()
+
+
+def test_inshop_closed_set_validation_keeps_every_gallery_image_a_target(fake_inshop):
+    dm = loaded(InShopDataModule, fake_inshop, protocol="closed_set", val_fraction=0.34, seed=0)
+    split = dm.split
+    val_queries = split.val.record_ids[split.val.query_mask]
+    assert len(val_queries) and not set(val_queries) & set(split.train_ids)  # held out as inputs
+    gallery = split.test.record_ids[split.test.gallery_mask]
+    assert set(gallery) <= set(split.target_ids)  # ... but every test-database image stays a target
+    assert set(val_queries) <= set(split.target_ids)
+    assert not set(split.test.record_ids[split.test.query_mask]) & set(split.target_ids)  # queries never
 
 
 def test_inshop_boxes_are_optional_unless_cropping(tmp_path):

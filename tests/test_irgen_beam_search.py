@@ -8,7 +8,7 @@ import torch
 
 from irgen.beam_search import beam_search
 from irgen.decoder import DecoderConfig, IdentifierDecoder, KVCache
-from irgen.ranking import expand_identifiers, rank_identifiers, score_all_identifiers
+from irgen.ranking import expand_identifiers, rank_identifiers, rerank_by_similarity, score_all_identifiers
 from irgen.trie import IdentifierTrie
 
 
@@ -150,7 +150,7 @@ def test_exhaustive_scores_equal_beam_scores_and_rank_beams_first():
     assert torch.equal(wide[:, 0], full.argmax(1))
 
 
-def test_expansion_orders_identifiers_by_score_and_images_by_cosine():
+def test_expansion_is_beam_order_then_database_order_and_rerank_is_by_cosine():
     # database: leaf of [0,0] holds positions 0, 2, 3; leaf [1,1] holds 1; leaf [1,0] holds 4
     codes = np.array([[0, 0], [1, 1], [0, 0], [0, 0], [1, 0]])
     trie = IdentifierTrie.build(codes, 2)
@@ -159,15 +159,16 @@ def test_expansion_orders_identifiers_by_score_and_images_by_cosine():
     query = np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32)
     leaves = np.array([[leaf[(1, 1)], leaf[(0, 0)], -1], [leaf[(0, 0)], leaf[(1, 0)], leaf[(1, 1)]]])
     scores = np.array([[-0.1, -0.5, -np.inf], [-0.2, -0.3, -0.4]])
-    nb, sc = expand_identifiers(leaves, scores, trie, query, gallery, depth=6)
-    # query 0 (along y): leaf (1,1) -> [1]; then leaf (0,0) by cosine: 3 (1.0), 2 (0.8), 0 (0.0); then padding
-    assert nb[0].tolist() == [1, 3, 2, 0, -1, -1]
+    # the paper's ranking: beams in order, each identifier's images in database order, then padding
+    nb, sc = expand_identifiers(leaves, scores, trie, depth=6)
+    assert nb.tolist() == [[1, 0, 2, 3, -1, -1], [0, 2, 3, 4, 1, -1]]
     assert np.allclose(sc[0, :4], [-0.1, -0.5, -0.5, -0.5]) and np.isnan(sc[0, 4:]).all()
-    # query 1 (along x): leaf (0,0) -> 0 (1.0), 2 (0.6), 3 (0.0); then 4; then 1
-    assert nb[1].tolist() == [0, 2, 3, 4, 1, -1]
-    # truncation keeps the best `depth` images; without features, database order inside an identifier
-    assert expand_identifiers(leaves, scores, trie, query, gallery, depth=2)[0].tolist() == [[1, 3], [0, 2]]
-    assert expand_identifiers(leaves, scores, trie, None, None, depth=4)[0].tolist() == [[1, 0, 2, 3], [0, 2, 3, 4]]
+    # the list stops after `depth` images (the reference cuts it to the beam size)
+    assert expand_identifiers(leaves, scores, trie, depth=2)[0].tolist() == [[1, 0], [0, 2]]
+    # rerank: the same candidates by cosine. Query 0 (along y): 1 and 3 (1.0), 2 (0.8), 0 (0.0)
+    ranked, sim = rerank_by_similarity(nb, query, gallery)
+    assert ranked.tolist() == [[1, 3, 2, 0, -1, -1], [0, 4, 2, 3, 1, -1]]
+    assert np.allclose(sim[0, :4], [1.0, 1.0, 0.8, 0.0]) and np.isnan(sim[0, 4:]).all()
 
 
 def test_mismatched_trie_and_decoder_is_a_clear_error():

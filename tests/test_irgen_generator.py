@@ -64,6 +64,16 @@ def test_targets_are_same_class_and_redrawn_per_epoch():
     assert len(np.unique(drawn)) == 40
 
 
+def test_targets_come_from_the_database_pool():
+    inputs = np.array([0, 0, 1, 2])
+    pool = np.array([2, 1, 1, 0, 0, 0])
+    for epoch in range(5):
+        drawn = draw_same_class(inputs, 0, epoch, pool)
+        assert np.array_equal(pool[drawn], inputs)
+    with pytest.raises(ValueError, match="target pool"):
+        draw_same_class(np.array([3]), 0, 0, pool)
+
+
 def test_training_steps_and_validation_report_beam_and_knn_metrics(codes, tmp_path):
     dm = DigitsDataModule(protocol="closed_set", batch_size=32, eval_batch_size=512, seed=0)
     model = small_generator()
@@ -73,9 +83,10 @@ def test_training_steps_and_validation_report_beam_and_knn_metrics(codes, tmp_pa
     t.fit(model, datamodule=dm)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.decoder.parameters(), strict=True))
     m = {k: float(v) for k, v in t.callback_metrics.items()}
-    for key in ("val/R@1", "val/knn/R@1", "val/P@4_irgen", "val/P@4", "val/knn/mAP", "train/loss"):
+    for key in ("val/R@1", "val/knn/R@1", "val/rerank/R@1", "val/P@4_irgen", "val/P@4", "val/knn/mAP",
+                "val/rerank/MAP@R", "train/loss"):
         assert key in m, sorted(m)
-    assert 0 <= m["val/R@1"] <= 1 and 0 <= m["val/knn/R@1"] <= 1
+    assert 0 <= m["val/R@1"] <= 1 and 0 <= m["val/knn/R@1"] <= 1 and 0 <= m["val/rerank/R@1"] <= 1
     assert m["val/P@1_irgen"] == pytest.approx(m["val/R@1"])
 
     # the ranked neighbours are gallery images whose identifiers are in the gallery's trie, ranked per the rule
@@ -88,7 +99,14 @@ def test_training_steps_and_validation_report_beam_and_knn_metrics(codes, tmp_pa
     found = report.neighbors[report.neighbors >= 0]
     assert len(found) > 0 and trie.contains(gallery_codes[found]).all()
     per_query = (report.neighbors >= 0).sum(1)
-    assert (per_query >= 1).all() and (per_query <= 20).all()
+    # the paper's list: as long as the beam (reference: anss[:k]), images of one identifier in database order
+    assert report.neighbors.shape[1] == 6 and (per_query >= 1).all()
+    for row in report.neighbors:
+        row = row[row >= 0]
+        ids = [tuple(c) for c in gallery_codes[row].tolist()]
+        for a in range(1, len(row)):  # within a run of one identifier, ascending database position
+            if ids[a] == ids[a - 1]:
+                assert row[a] > row[a - 1]
 
     # checkpoint: identifiers travel with the weights; a fresh module evaluates without the artifact
     path = tmp_path / "gen.ckpt"

@@ -61,9 +61,9 @@ def test_closed_set_refuses_disjoint_official_classes():
 def test_query_gallery_split_is_used_by_both_protocols():
     records = [ImageRecord("t", 0, "train"), ImageRecord("q", 1, "query"), ImageRecord("g", 1, "gallery"),
                ImageRecord("g2", 2, "gallery")]
-    for protocol in ("zero_shot", "closed_set"):
+    for protocol, train in (("zero_shot", [0]), ("closed_set", [0, 2, 3])):  # closed-set: trainval
         split = build_protocol(records, protocol, zero_shot_split="official")
-        assert split.train_ids.tolist() == [0]
+        assert split.train_ids.tolist() == train
         assert split.test.record_ids[split.test.query_mask].tolist() == [1]
         assert split.test.record_ids[split.test.gallery_mask].tolist() == [2, 3]
 
@@ -85,6 +85,18 @@ def test_closed_set_validation_holds_out_images_not_classes():
     val_queries = set(split.val.record_ids[split.val.query_mask].tolist())
     assert val_queries and not val_queries & set(split.train_ids.tolist())
     assert set(split.val.labels[split.val.query_mask].tolist()) == {0, 1, 2}
+    # held out as training inputs only: the database (targets = test gallery) keeps every image
+    gallery = split.test.record_ids[split.test.gallery_mask]
+    assert split.target_ids.tolist() == sorted(gallery.tolist())
+    assert val_queries <= set(split.target_ids.tolist())
+    val_gallery = set(split.val.record_ids[split.val.gallery_mask].tolist())
+    assert val_gallery == set(split.train_ids.tolist())  # validation retrieves the kept training images
+
+
+def test_zero_shot_validation_classes_are_no_targets():
+    records = _records(list(range(10)), per_class=4)
+    split = build_protocol(records, "zero_shot", zero_shot_split="class_halves", val_fraction=0.4, seed=3)
+    assert split.target_ids.tolist() == sorted(split.train_ids.tolist())
 
 
 def test_unknown_protocol_is_rejected():

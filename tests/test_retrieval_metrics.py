@@ -46,6 +46,15 @@ def ref_counts(q_labels, g_labels, exclude):
     return out
 
 
+def old_numpy_ne_empty_is_true(pos) -> bool:
+    """``bool(np.array(pos) != np.array([]))`` as NumPy < 1.25 evaluated it (the reference's environment).
+
+    0 or 1 elements broadcast against the empty array to an empty result, which is falsy; 2 or more cannot be
+    broadcast, the elementwise comparison fails and ``!=`` falls back to the scalar ``True``.
+    """
+    return len(pos) >= 2
+
+
 def ref_metrics(rankings, q_labels, g_labels, counts, ks, with_ap=True):
     """Loops over queries; rankings are lists of gallery indices (-1 = padding)."""
     per = {f"R@{k}": [] for k in ks}
@@ -78,10 +87,10 @@ def ref_metrics(rankings, q_labels, g_labels, counts, ks, with_ap=True):
                 found += 1
                 ap += found / n
         per["mAP"].append(ap / R)
-        # IRGen utils/evaluate.py::compute_map, transcribed.
+        # IRGen utils/evaluate.py::compute_map, transcribed with NumPy < 1.25's `pos != np.array([])`.
         pos = [n for n, r in enumerate(rel, start=1) if r]
         for k in ks:
-            kq = pos[-1] if (pos and len(pos) == R and pos[-1] < k) else k
+            kq = pos[-1] if (old_numpy_ne_empty_is_true(pos) and len(pos) == R and pos[-1] < k) else k
             per[f"P@{k}_irgen"].append(sum(1 for p in pos if p <= kq) / kq)
     out = {key: (float(np.mean(v)) if v else float("nan")) for key, v in per.items()}
     if not with_ap:
@@ -143,6 +152,17 @@ def test_hand_computed_rankings():
     assert rep.metrics["mAP"] == pytest.approx(0.75)
 
 
+def test_irgen_precision_single_relevant_item_is_not_divided_by_its_rank():
+    """The reference's quirk: one relevant item at rank 1 scores 1/K, two at ranks 1, 2 score 1."""
+    g_labels = np.array(["A", "B", "B"] + ["C"] * 27)
+    neighbors = np.arange(30)[None, :].repeat(2, axis=0)
+    neighbors[1, :3] = [1, 2, 0]
+    m = retrieval_metrics(neighbors, np.array(["A", "B"]), g_labels, relevant_counts=[1, 2], ks=(1, 10, 30))
+    assert m["P@30_irgen"] == pytest.approx((1 / 30 + 1.0) / 2)
+    assert m["P@10_irgen"] == pytest.approx((1 / 10 + 1.0) / 2)
+    assert m["P@1_irgen"] == m["P@1"] == 1.0
+
+
 def test_hand_computed_embeddings_with_ties_and_self_exclusion():
     # 1-D embeddings, query set == gallery set. Items 0, 1, 3 are identical: ties broken by lower index.
     x = np.array([[1.0], [1.0], [0.5], [1.0], [-1.0]], dtype=np.float32)
@@ -153,7 +173,8 @@ def test_hand_computed_embeddings_with_ties_and_self_exclusion():
     want = {
         "R@1": 0.4, "R@2": 0.6, "R@4": 1.0, "P@1": 0.4, "P@2": 0.3, "P@4": 0.4,
         "R-precision": 0.3, "MAP@R": 0.25, "mAP": 17 / 30,  # APs 7/12, 1/4, 5/6, 5/6, 1/3
-        "P@1_irgen": 0.4, "P@2_irgen": 0.3, "P@4_irgen": 31 / 60,  # 2/3, 1/4, 2/3, 2/3, 1/3
+        # 2/3, 1/4, 2/3, 2/3, 1/4: query 4's single relevant item at rank 3 scores 1/4, as in the reference
+        "P@1_irgen": 0.4, "P@2_irgen": 0.3, "P@4_irgen": 0.5,
         "queries_without_relevant": 0.0,
     }  # fmt: skip
     assert_metrics_equal(rep.metrics, want)

@@ -269,12 +269,15 @@ def evaluate_rankings(
     *,
     exclude: Any = None,
     ks: Sequence[int] = (1, 2, 4, 8),
+    depth: int | None = None,
 ) -> RetrievalReport:
     """Metrics for methods that produce their own ranked lists (IRGen beam search, re-rankers).
 
     ``neighbors`` int64 [Q, k] (-1 = padding), ``scores`` [Q, k] or None. The excluded index (if the method
     returned it) and repeated indices are removed and the row is shifted left, so they neither count as hits
-    nor occupy a rank; the number of repeats removed is reported as ``'repeated_neighbors_removed'``.
+    nor occupy a rank; the number of repeats removed is reported as ``'repeated_neighbors_removed'``. ``depth``
+    then cuts every list to that many entries (a method that returns a fixed-length list: pass a few extra
+    candidates so that removing the query itself does not shorten it).
     'mAP' is reported only when every query's ranking contains all of its relevant items (then AP is exact;
     for a truncated ranking it would silently be a lower bound). Relevant counts come from the labels.
     """
@@ -289,6 +292,8 @@ def evaluate_rankings(
         raise ValueError(f"neighbour indices must be -1 or in [0, {n_gallery})")
     excl = prepare_exclude(exclude, nb.shape[0], n_gallery)
     nb, sc, n_repeats = _sanitize_rankings(nb, sc, excl)
+    if depth is not None:
+        nb, sc = nb[:, :depth], sc[:, :depth]
     counts = count_relevant(query_labels, gallery_labels, excl)
     metrics = retrieval_metrics(nb, query_labels, gallery_labels, relevant_counts=counts, ks=ks)
     metrics["repeated_neighbors_removed"] = float(n_repeats)

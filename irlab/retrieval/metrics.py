@@ -105,18 +105,24 @@ def retrieval_metrics(
       = (1 / R_i) * sum_{n <= R_i} rel_i(n) * hits_i(n) / n.
       R-precision and MAP@R are exact only when each row holds at least R_i neighbours; otherwise the missing
       positions count as non-relevant (a lower bound).
-    * ``P@k_irgen`` -- the Precision@K reported by IRGen (Zhang et al., arXiv 2303.10126). Source: the IRGen
-      reference code, ``utils/evaluate.py::compute_map`` in github.com/yakt00/IRGen (called from
-      ``test_ar.py`` with the beam-search ranking), a modification of Radenovic's revisitop ``compute_map``::
+    * ``P@k_irgen`` -- the Precision@K of the IRGen paper's tables (Zhang et al., arXiv 2303.10126), as the
+      reference code computed it: ``utils/evaluate.py::compute_map`` of github.com/yakt00/IRGen (called from
+      ``test_ar.py`` on the beam-search ranking), a modification of Radenovic's revisitop ``compute_map``::
 
           pos = 1-based positions of the relevant items inside the returned ranking
-          if all R_i relevant items are in the ranking and pos[-1] < K:  kq = pos[-1]   else: kq = K
+          if pos != np.array([]) and len(pos) == R_i and pos[-1] < K:  kq = pos[-1]   else: kq = K
           P = (#pos <= kq) / kq
 
-      i.e. if every relevant item is ranked within the top K, precision = R_i / (rank of the last relevant
-      item), so a query with R_i < K is not punished for the K - R_i slots it cannot fill; otherwise it is
-      the standard hits_i(K) / K. Hence P@1_irgen == R@1. (The same function's AP differs from ours -- it
-      divides by min(R_i, 10) and uses trapezoids -- and is not reproduced.)
+      The first test was meant as "pos is non-empty" but is not: under NumPy < 1.25 (the code fails outright
+      on newer NumPy) a 1-element ``pos`` broadcasts against the empty array to an *empty*, falsy array, a
+      0-element one likewise, and only >= 2 elements (a failed elementwise comparison) give ``True``. So the
+      rule "divide by the rank of the last relevant item" applies only to queries with **at least two**
+      relevant items, all of them inside the ranking before rank K; every other query scores the standard
+      hits_i(K) / K. Example: the single relevant item at rank 1, K = 30: 1/30 (not 1.0). This function
+      reproduces the numbers behind the published tables, quirk included; hence P@1_irgen == P@1.
+      The reference's other numbers: its printed R@K divides by *all* queries (equal to ``R@k`` here whenever
+      every query has a relevant item, as in the paper's closed-set benchmarks); its "mAP" (trapezoids,
+      divided by min(R_i, 10)) is not reproduced.
     * ``queries_without_relevant`` -- number of queries with R_i == 0 (excluded from all means);
       ``queries_evaluated`` -- number of queries in the means.
 
@@ -166,8 +172,10 @@ def retrieval_metrics(
     within_r = ranks[None, :] <= counts[:, None]
     out["MAP@R"] = mean((rel * within_r * hits / ranks).sum(axis=1) / counts)
 
-    # IRGen: position of the R_i-th relevant item, if the ranking contains all of them.
-    complete = hits_at(n_cols) >= counts
+    # IRGen: position of the R_i-th relevant item, if the ranking contains all of them -- and, as the reference
+    # ran (see the docstring), only for queries with at least two relevant items in the ranking.
+    found = hits_at(n_cols)
+    complete = (found >= counts) & (found >= 2)
     last_pos = np.where(complete, np.argmax(hits >= counts[:, None], axis=1) + 1, 0) if n_cols else 0
     for k in ks:
         kq = np.where(complete & (last_pos < k), last_pos, k)
