@@ -10,7 +10,7 @@ from irlab.train import run
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run(cfg)
+    run(cfg, "evaluate")
 
 
 if __name__ == "__main__":

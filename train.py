@@ -10,7 +10,7 @@ from irlab.train import run
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run(cfg)
+    metrics = run(cfg, "train")
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None
 

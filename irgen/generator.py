@@ -40,6 +40,10 @@ from irlab.module import RetrievalModule
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_rankings
 
+# the ranking rows of every IRGen evaluation, as `irlab.reporting` labels them (metric key infix -> label)
+RANKING_ROWS = {"": "generative (paper)", "rerank": "generative + rerank", "knn": "kNN, same encoder",
+                "exhaustive": "exhaustive scoring"}
+
 
 def draw_same_class(labels: np.ndarray, seed: int, epoch: int, pool_labels: np.ndarray | None = None) -> np.ndarray:
     """For each position of `labels`, a uniformly drawn position of `pool_labels` (default: `labels` itself,

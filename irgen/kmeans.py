@@ -32,7 +32,7 @@ def effective_num_codes(requested: int, n_points: int, min_points_per_code: int 
         raise TooFewPointsError(
             f"only {n_points} training images: residual quantization needs at least {2 * min_points_per_code} "
             f"(2 codes x min_points_per_code={min_points_per_code}). Use more data or lower "
-            f"model.min_points_per_code."
+            f"irgen.tokenizer.min_points_per_code."
         )
     if supported < requested:
         log.warning(f"only {n_points} training images for {requested} codes per level: reducing num_codes to "
@@ -46,7 +46,7 @@ def check_enough_points(n_points: int, num_codes: int, min_points_per_code: int)
     if n_points < num_codes * min_points_per_code:
         raise TooFewPointsError(
             f"k-means of {num_codes} codes needs >= {num_codes * min_points_per_code} points "
-            f"(min_points_per_code={min_points_per_code}), got {n_points}. Lower model.num_codes to "
+            f"(min_points_per_code={min_points_per_code}), got {n_points}. Lower irgen.tokenizer.num_codes to "
             f"<= {max(2, n_points // max(1, min_points_per_code))} (the IRGen pipeline does this automatically)."
         )
 
@@ -59,7 +59,7 @@ def kmeans(points: np.ndarray, k: int, *, niter: int = 20, seed: int = 0,
     """
     points = np.ascontiguousarray(points, dtype=np.float32)
     if len(points) < k:
-        raise TooFewPointsError(f"k-means: {len(points)} points for {k} centroids; lower model.num_codes")
+        raise TooFewPointsError(f"k-means: {len(points)} points for {k} centroids; lower irgen.tokenizer.num_codes")
     km = faiss.Kmeans(points.shape[1], k, niter=niter, seed=seed, verbose=False,
                       min_points_per_centroid=1, max_points_per_centroid=max_points_per_code)
     init = None if init is None else np.ascontiguousarray(init, dtype=np.float32)

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.base import RetrievalDataModule
 from irgen.artifact import IdentifierArtifact, StaleArtifactError, dataset_fingerprint, load_artifact, save_artifact
+from irgen.generator import RANKING_ROWS
 from irgen.identifier_stats import identifier_stats, quantized_retrieval
 from irgen.kmeans import effective_num_codes
 from irlab.plain import to_plain
@@ -158,6 +159,9 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
     trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
     metrics = logged_metrics(trainer, "val/")
 
+    selected, selection = select_checkpoint(trainer, last)
+    log.info(f"tokenizer: encoding identifiers with the {selection} checkpoint ({selected})")
+    load_weights(model, selected)
     codes, features = encode_records(model, dm)
     recon = model.quantizer.decode(codes.to(model.device))[:, -1].cpu()
     labels = torch.tensor([r.label for r in dm.records]).numpy()
@@ -165,7 +169,7 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
     stats.update(quantized_retrieval(features.numpy(), recon.numpy(), codes.numpy(), dm.eval_set("test")))
     meta = {**expected, "num_levels": model.quantizer.num_levels, "num_codes": model.quantizer.num_codes,
             "num_codes_requested": int(model_cfg.num_codes), "stats": stats,
-            "checkpoint": str(last), "eval_split": "test"}
+            "checkpoint": str(selected), "checkpoint_selection": selection, "eval_split": "test"}
     ctx.artifact = IdentifierArtifact(codes=codes, codebooks=model.quantizer.codebooks.detach().cpu(), meta=meta)
     if trainer.is_global_zero:
         save_artifact(ctx.artifact_path, ctx.artifact)
@@ -177,6 +181,24 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
                  f"{int(stats['distinct_identifiers'])} distinct, collision rate {stats['collision_rate']:.3f})")
     trainer.strategy.barrier()
     return {**metrics, **_prefixed(stats)}
+
+
+def select_checkpoint(trainer: L.Trainer, last: Path) -> tuple[Path | None, str]:
+    """The checkpoint model selection picked (best validation metric), else ``last.ckpt``, else None (the model
+    as training left it); and a note saying which, recorded in the artifact."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and Path(best).is_file():
+        return Path(best), f"best {trainer.checkpoint_callback.monitor}"
+    if last.is_file():
+        return last, "last (no validation metric was monitored)"
+    return None, "final in-memory model (no checkpoint was written)"
+
+
+def load_weights(model: L.LightningModule, path: Path | None) -> None:
+    """Load a Lightning checkpoint's weights (buffers included: codebooks, identifiers) safely into `model`."""
+    if path is not None:
+        state = torch.load(path, map_location=model.device, weights_only=True)
+        model.load_state_dict(state["state_dict"])
 
 
 def _check_resumable(tok_dir: Path, expected: dict[str, Any], hint: str) -> None:
@@ -359,6 +381,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         ctx.metrics.update(STAGES[name](ctx))
     if rank_zero_only.rank == 0:
         data = {**datamodule.describe(), "artifact_dir": str(ctx.artifact_dir)}
-        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", ctx.metrics, data)
-        print_metrics(ctx.metrics, title=f"IRGen ({stage}): {datamodule.name} / {datamodule.protocol}")
+        rows = RANKING_ROWS if "generator" in selected else None
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", ctx.metrics, data, rows)
+        print_metrics(ctx.metrics, title=f"IRGen ({stage}): {datamodule.name} / {datamodule.protocol}", row_names=rows)
     return ctx.metrics

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from irlab.checkpoints import MODEL_KEY, model_class_name
 from irlab.reproducibility import rng_states, set_rng_states
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
 
@@ -57,6 +58,7 @@ class RetrievalModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the random-number generators so a resumed run draws the same batches, flips and targets."""
         checkpoint["rng_states"] = rng_states()
+        checkpoint[MODEL_KEY] = model_class_name(self)  # lets a wrong checkpoint be named (irlab.checkpoints)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "rng_states" in checkpoint:

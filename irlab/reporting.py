@@ -1,33 +1,91 @@
-"""Final metrics: one JSON file per run (what sweeps summarise) and one table on the terminal."""
+"""Final metrics: one JSON file per run (what sweeps summarise) and one table on the terminal.
+
+Metric keys are ``<stage>/<name>`` for a model's own ranking and ``<stage>/<row>/<name>`` for another ranking
+of the same queries (IRGen logs ``test/R@1`` for generative retrieval as the paper ranks it, ``test/rerank/R@1``
+and ``test/knn/R@1``). `metric_rows` groups them so that the rows of one evaluation can be read side by side:
+``metrics.json`` holds the grouped view under ``"rows"`` and the terminal shows one line per row.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+STAGES = ("val", "test")
+# the rank-based metrics a row is read by, in display order (P@k_irgen after P@k)
+_HEADLINE = re.compile(r"^(R@\d+|P@\d+|P@\d+_irgen|R-precision|MAP@R|mAP)$")
+_ORDER = {"R@": 0, "P@": 1, "R-": 3, "MA": 4, "mA": 5}
 
-def write_metrics(path: str | Path, metrics: dict[str, float], data: dict) -> Path:
+
+def _headline_order(name: str) -> tuple[int, int]:
+    group = _ORDER[name[:2]] + (1 if name.endswith("_irgen") else 0)
+    digits = re.findall(r"\d+", name)
+    return group, int(digits[0]) if digits else 0
+
+
+def metric_rows(metrics: Mapping[str, float], row_names: Mapping[str, str] | None = None
+                ) -> dict[str, dict[str, dict[str, float]]]:
+    """``{stage: {row label: {metric: value}}}`` for the headline metrics of every ranking row.
+
+    ``row_names`` maps a row key ("" = the model's own ranking, "knn", "rerank", ...) to its label; rows not
+    named keep their key ("" becomes "model").
+    """
+    names = {"": "model", **(row_names or {})}
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    for key, value in metrics.items():
+        parts = key.split("/")
+        if parts[0] not in STAGES or len(parts) not in (2, 3) or not _HEADLINE.match(parts[-1]):
+            continue
+        row = parts[1] if len(parts) == 3 else ""
+        rows.setdefault(parts[0], {}).setdefault(names.get(row, row), {})[parts[-1]] = float(value)
+    order = {label: i for i, label in enumerate(names.values())}
+    return {stage: {label: dict(sorted(m.items(), key=lambda kv: _headline_order(kv[0])))
+                    for label, m in sorted(rows[stage].items(), key=lambda kv: order.get(kv[0], len(order)))}
+            for stage in STAGES if stage in rows}
+
+
+def write_metrics(path: str | Path, metrics: dict[str, float], data: dict,
+                  row_names: Mapping[str, str] | None = None) -> Path:
     """Write metrics with the split they were measured on, atomically (no half-written file after a kill)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"metrics": metrics, "data": data}, indent=2, sort_keys=True))
+    content = {"metrics": metrics, "data": data, "rows": metric_rows(metrics, row_names)}
+    tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path
 
 
-def print_metrics(metrics: dict[str, float], title: str) -> None:
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for key in sorted(metrics):
-        table.add_row(key, f"{metrics[key]:.4f}")
+def print_metrics(metrics: dict[str, float], title: str, row_names: Mapping[str, str] | None = None) -> None:
+    """The ranking rows side by side (one line each), then every other metric, then greppable headlines."""
     console = Console()
-    console.print(table)
+    rows = metric_rows(metrics, row_names)
+    shown = set()
+    for stage, by_row in rows.items():
+        columns = sorted({name for m in by_row.values() for name in m}, key=_headline_order)
+        table = Table(title=f"{title} -- {stage}")
+        table.add_column("ranking")
+        for name in columns:
+            table.add_column(name, justify="right")
+        for label, m in by_row.items():
+            table.add_row(label, *(f"{m[c]:.4f}" if c in m else "" for c in columns))
+        console.print(table)
+        shown |= {k for k in metrics if k.split("/")[0] == stage and _HEADLINE.match(k.split("/")[-1])
+                  and len(k.split("/")) in (2, 3)}
+    others = sorted(k for k in metrics if k not in shown)
+    if others:
+        table = Table(title=f"{title} -- other metrics")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for key in others:
+            table.add_row(key, f"{metrics[key]:.4f}")
+        console.print(table)
     headline = [k for k in ("test/R@1", "val/R@1") if k in metrics]
     for key in headline:  # one plain, greppable line per headline metric
         console.print(f"{key.split('/')[0]} R@1 = {metrics[key]:.4f}", highlight=False)

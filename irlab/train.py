@@ -1,7 +1,9 @@
-"""Runners behind `train.py` and `eval.py`: build everything from the config, fit, test, report.
+"""What `train.py` and `eval.py` run: build everything from the config, fit, test, report.
 
-A runner is a function ``(cfg) -> dict[str, float]``; the config's ``runner`` key names it, so a method with
-several stages (IRGen) plugs in its own pipeline while plain models use `fit_and_test`.
+Each method names a train and an evaluate function ``(cfg) -> dict[str, float]`` under ``method:``
+(conf/method/): single-stage models use `fit_and_test` / `evaluate_checkpoint` below, a method with several
+stages (IRGen) its own pair. `train.py` always calls ``method.train`` and `eval.py` always ``method.evaluate``,
+so an experiment cannot turn an evaluation into a training run.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.base import RetrievalDataModule
+from irlab.checkpoints import model_class_name, read_checkpoint
 from irlab.distributed import install_hydra_ddp_launch
 from irlab.reporting import print_metrics, write_metrics
 
@@ -135,7 +138,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     datamodule = build_datamodule(cfg)
     ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     model = build_model(cfg.model, datamodule)
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    state = read_checkpoint(ckpt, expected_class=model_class_name(model))
     model.load_state_dict(state["state_dict"])
     trainer = build_trainer(cfg)
     stage = cfg.get("split", "test")
@@ -150,9 +153,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Dispatch to the runner named by ``cfg.runner``."""
+ACTIONS = ("train", "evaluate")
+
+
+def run(cfg: DictConfig, action: str = "train") -> dict[str, float]:
+    """Call the method's ``train`` or ``evaluate`` function (``cfg.method.<action>``)."""
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
-    runner = hydra.utils.get_method(cfg.runner)
-    return runner(cfg)
+    return hydra.utils.get_method(cfg.method[action])(cfg)

@@ -4,6 +4,7 @@ Until the tokenizer artifact exists, identifiers come from a tiny residual k-mea
 enough for digits), built here.
 """
 
+import json
 import logging
 
 import lightning as L
@@ -17,6 +18,8 @@ from irgen.artifact import StaleArtifactError
 from irgen.generator import IRGenGenerator, draw_same_class
 from irgen.pipeline import run
 from irgen.trie import IdentifierTrie
+from irlab.checkpoints import CheckpointError
+from irlab.train import run as run_app
 from tests.helpers import compose_config
 
 DEPTH, K = 3, 8
@@ -156,6 +159,27 @@ def test_pipeline_generator_stage_trains_reuses_and_refuses_stale_outputs(tmp_pa
         assert 0 <= metrics[key] <= 1, key
     gen_dir = tmp_path / "a" / "logs" / "irgen_artifacts" / "digits_closed_set" / "generator"
     assert (gen_dir / "done.json").is_file() and (gen_dir / "last.ckpt").is_file()
+
+    # eval.py scores exactly the given generator checkpoint: same numbers as the pipeline's test, no training
+    best = json.loads((gen_dir / "done.json").read_text())["checkpoint"]
+    eval_overrides = PIPELINE_FAST[:2] + ["irgen.generator.width=999"]  # architecture comes from the checkpoint
+    cfg = compose_config(eval_overrides + [f"ckpt_path={best}"], config_name="eval", output_dir=tmp_path / "e")
+    evaluated = run_app(cfg, "evaluate")
+    assert "train/loss" not in evaluated
+    for key in ("test/R@1", "test/rerank/R@1", "test/knn/R@1", "test/MAP@R"):
+        assert evaluated[key] == pytest.approx(metrics[key]), key
+    saved = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert set(saved["rows"]["test"]) == {"generative (paper)", "generative + rerank", "kNN, same encoder"}
+    # ... and refuses what is not a generator checkpoint, saying what it is
+    not_torch = tmp_path / "notes.txt"
+    not_torch.write_text("hello")
+    tokenizer_ckpt = gen_dir.parent / "tokenizer" / "last.ckpt"
+    for path, error, match in ((tmp_path / "missing.ckpt", FileNotFoundError, "not found"),
+                               (not_torch, CheckpointError, "not a PyTorch checkpoint"),
+                               (tokenizer_ckpt, CheckpointError, "IRGenTokenizer checkpoint, not")):
+        cfg = compose_config(eval_overrides + [f"ckpt_path={path}"], config_name="eval", output_dir=tmp_path / "f")
+        with pytest.raises(error, match=match):
+            run_app(cfg, "evaluate")
 
     # a second run reuses the trained generator: no training, evaluation with the new beam size
     caplog.clear()

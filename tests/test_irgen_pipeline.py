@@ -8,13 +8,16 @@ import os
 import subprocess
 import sys
 
+import lightning as L
 import pytest
 import torch
+from omegaconf import open_dict
 
 from irgen.artifact import StaleArtifactError, load_artifact
 from irgen.kmeans import TooFewPointsError
-from irgen.pipeline import STAGE_ORDER, STAGES, artifact_expectation, run
-from irlab.train import build_datamodule
+from irgen.pipeline import STAGE_ORDER, STAGES, artifact_expectation, load_weights, run
+from irgen.tokenizer import encode_records
+from irlab.train import build_datamodule, build_model
 from tests.helpers import REPO, compose_config
 
 # 16 px digits and a capped k-means pass keep the whole CLI run to a few seconds of compute
@@ -74,7 +77,8 @@ def test_stage_registry_and_unknown_stage(tmp_path):
 
 def test_irgen_experiments_use_the_paper_protocol_and_share_the_tokenizer_config(tmp_path):
     cfg = compose_config(["experiment=digits_irgen"], output_dir=tmp_path)
-    assert cfg.runner == "irgen.pipeline.run" and cfg.protocol.name == "closed_set"
+    assert cfg.method.train == "irgen.pipeline.run" and cfg.method.evaluate == "irgen.evaluate.evaluate_generator"
+    assert cfg.protocol.name == "closed_set"
     assert cfg.irgen.tokenizer._target_ == "irgen.tokenizer.IRGenTokenizer"
     assert cfg.irgen.stage == "all" and cfg.irgen.rebuild is False
     assert cfg.irgen.artifact_dir.endswith("irgen_artifacts/digits_closed_set")
@@ -83,20 +87,20 @@ def test_irgen_experiments_use_the_paper_protocol_and_share_the_tokenizer_config
 
 
 def test_tiny_dataset_reduces_codes_or_says_what_to_change(fake_data_dir, tmp_path, caplog):
-    """Fake In-shop: 6 training images for 256 codes per level."""
+    """Fake In-shop, closed-set (trainval): 6 train + 4 gallery images train the tokenizer, for 256 codes."""
     tiny = ["experiment=isc_irgen", "irgen.stage=tokenizer", f"paths.data_dir={fake_data_dir}",
             "irgen.tokenizer.encoder.arch=vit_tiny", "irgen.tokenizer.encoder.pretrained=false",
             "dataset.image_size=16", "dataset.resize_size=16", "dataset.num_workers=0", "trainer.max_epochs=1",
-            "trainer.accelerator=cpu", "dataset.val_fraction=0"]  # all 6 training images train the tokenizer
-    with pytest.raises(TooFewPointsError, match="min_points_per_code"):
-        run(compose_config(tiny, output_dir=tmp_path))
+            "trainer.accelerator=cpu", "dataset.val_fraction=0"]  # all 10 training images train the tokenizer
+    with pytest.raises(TooFewPointsError, match="irgen.tokenizer.min_points_per_code"):
+        run(compose_config(tiny + ["irgen.tokenizer.min_points_per_code=6"], output_dir=tmp_path))
     with caplog.at_level(logging.WARNING, logger="irgen.kmeans"):
         metrics = run(compose_config(tiny + ["irgen.tokenizer.min_points_per_code=1"], output_dir=tmp_path))
-    assert "reducing num_codes to 6" in caplog.text
-    assert metrics["tokenizer/codes_per_level"] == 6 and metrics["tokenizer/images"] == 12
+    assert "reducing num_codes to 10" in caplog.text
+    assert metrics["tokenizer/codes_per_level"] == 10 and metrics["tokenizer/images"] == 12
     artifact = torch.load(tmp_path / "logs" / "irgen_artifacts" / "isc_closed_set" / "identifiers.pt",
                           weights_only=True)
-    assert artifact["codebooks"].shape[:2] == (4, 6) and artifact["codes"].shape == (12, 4)
+    assert artifact["codebooks"].shape[:2] == (4, 10) and artifact["codes"].shape == (12, 4)
 
     # interrupted after training (artifact never written): the next run resumes from last.ckpt, no retraining,
     # and encodes the same identifiers; another config may not resume it
@@ -112,3 +116,28 @@ def test_tiny_dataset_reduces_codes_or_says_what_to_change(fake_data_dir, tmp_pa
     (art_dir / "identifiers.pt").unlink()
     with pytest.raises(StaleArtifactError, match="interrupted tokenizer run"):
         run(compose_config(tiny + ["irgen.tokenizer.min_points_per_code=1", "seed=3"], output_dir=tmp_path))
+
+
+class ScrambleEncoderAtTrainEnd(L.Callback):
+    """Changes the in-memory encoder after the last checkpoint was written: the artifact must not see it."""
+
+    def on_train_end(self, trainer, pl_module):
+        with torch.no_grad():
+            for p in pl_module.encoder.parameters():
+                p.add_(torch.randn_like(p))
+
+
+def test_tokenizer_encodes_identifiers_with_the_selected_checkpoint(tmp_path):
+    cfg = compose_config(FAST, output_dir=tmp_path)
+    with open_dict(cfg):
+        cfg.callbacks["scramble"] = {"_target_": f"{__name__}.ScrambleEncoderAtTrainEnd"}
+    run(cfg)
+    dm = build_datamodule(cfg)
+    artifact = load_artifact(tmp_path / "logs" / "irgen_artifacts" / "digits_closed_set" / "identifiers.pt",
+                             expected=artifact_expectation(cfg, dm))
+    chosen = artifact.meta["checkpoint"]
+    assert artifact.meta["checkpoint_selection"] == "best val/R@1" and not chosen.endswith("last.ckpt")
+    model = build_model(cfg.irgen.tokenizer, dm, num_codes=artifact.num_codes)
+    load_weights(model, chosen)
+    codes, _ = encode_records(model, dm)
+    assert torch.equal(codes, artifact.codes)

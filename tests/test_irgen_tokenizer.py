@@ -102,7 +102,7 @@ def test_k_reduction_on_tiny_data(caplog):
 
 def test_quantizer_fit_with_fewer_points_than_codes_is_a_clear_error():
     rq = ResidualQuantizer(num_levels=2, num_codes=64, dim=8)
-    with pytest.raises(TooFewPointsError, match="model.num_codes"):
+    with pytest.raises(TooFewPointsError, match="irgen.tokenizer.num_codes"):
         rq.fit(torch.randn(30, 8), min_points_per_code=1)
 
 

@@ -36,7 +36,7 @@ RetrievalModule.rank_gallery = _counting_rank_gallery
 def main(cfg: DictConfig) -> None:
     import torch.distributed as dist
 
-    metrics = run(cfg)
+    metrics = run(cfg, "evaluate")
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     out = Path(cfg.paths.output_dir) / f"rank{rank}.json"
     out.write_text(json.dumps({"rank": rank, "searched": searched, "metrics": metrics}, indent=1))

@@ -1,0 +1,73 @@
+"""`python eval.py experiment=<x>_irgen ckpt_path=<generator checkpoint>`: score exactly that checkpoint.
+
+The generator is rebuilt with the architecture stored in the checkpoint (its hyper-parameters), its weights and
+identifiers (the ``codes`` buffer: every record's identifier) loaded from it; nothing trains and no artifact is
+read. Only the evaluation settings come from this run's config (``irgen.generator.beam_size``, ``eval_ks``,
+``max_rank``, ``exhaustive``), so one checkpoint can be scored at several beam sizes. The identifiers must
+belong to this run's dataset (same number of records), else the error says so.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+from irgen.generator import RANKING_ROWS, IRGenGenerator
+from irlab.checkpoints import CheckpointError, model_class_name, read_checkpoint
+from irlab.reporting import print_metrics, write_metrics
+from irlab.train import build_datamodule, build_trainer, logged_metrics, resolve_ckpt_path
+
+log = logging.getLogger(__name__)
+
+# generator settings that only change the evaluation, taken from this run's config
+EVAL_KEYS = ("beam_size", "eval_ks", "max_rank", "exhaustive")
+WHERE = ("The generator stage writes its checkpoints to <irgen.artifact_dir>/generator/ "
+         "(default logs/irgen_artifacts/<dataset>_<protocol>/generator/epoch_*.ckpt).")
+
+
+def load_generator(path: str | Path, cfg: DictConfig) -> IRGenGenerator:
+    """An `IRGenGenerator` rebuilt from a checkpoint's hyper-parameters and weights; evaluation settings from
+    ``cfg.irgen.generator``. Encoder weights come from the checkpoint, never from ``pretrained`` files."""
+    state = read_checkpoint(path, expected_class=model_class_name(IRGenGenerator), hint=WHERE)
+    weights, hparams = state["state_dict"], dict(state.get("hyper_parameters") or {})
+    if "codes" not in weights or not any(k.startswith("decoder.") for k in weights) or not hparams:
+        raise CheckpointError(f"{path} is not an IRGen generator checkpoint (no decoder weights, identifiers or "
+                              f"hyper-parameters; a tokenizer checkpoint?). {WHERE}")
+    generator_cfg = cfg.irgen.generator
+    hparams.update({k: generator_cfg[k] for k in EVAL_KEYS if k in generator_cfg})
+    hparams["encoder"] = {**dict(hparams.get("encoder") or {}), "pretrained": False}
+    hparams["encoder_init"] = None
+    model = IRGenGenerator(**hparams)
+    model.load_state_dict(weights)
+    return model
+
+
+def evaluate_generator(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate the generator checkpoint ``ckpt_path`` on ``split`` (test by default); write and print metrics."""
+    if not cfg.get("ckpt_path"):
+        raise ValueError(f"ckpt_path is required: python eval.py experiment=<x>_irgen ckpt_path=<generator .ckpt>. "
+                         f"{WHERE}")
+    L.seed_everything(cfg.seed, workers=True)
+    ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
+    model = load_generator(ckpt, cfg)
+    datamodule = build_datamodule(cfg)
+    if model.codes.shape[0] != len(datamodule.records):
+        raise CheckpointError(f"{ckpt} holds identifiers for {model.codes.shape[0]} images but {datamodule.name} "
+                              f"has {len(datamodule.records)}: it was trained on another dataset; pass the "
+                              f"matching experiment= / dataset= overrides")
+    trainer = build_trainer(cfg)
+    stage = cfg.get("split", "test")
+    if stage == "val":
+        trainer.validate(model, datamodule=datamodule)
+    else:
+        trainer.test(model, datamodule=datamodule)
+    metrics = logged_metrics(trainer, f"{stage}/")
+    if trainer.is_global_zero:
+        data = {**datamodule.describe(), "checkpoint": str(ckpt)}
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, data, RANKING_ROWS)
+        print_metrics(metrics, title=f"eval {Path(ckpt).name}: {datamodule.name} / {datamodule.protocol}",
+                      row_names=RANKING_ROWS)
+    return metrics

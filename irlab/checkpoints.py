@@ -1,0 +1,49 @@
+"""Reading checkpoints safely, with errors that say what the file is and what was expected.
+
+Every checkpoint irlab writes records the class of the model that wrote it (``irlab_model``, set by
+`irlab.module.RetrievalModule.on_save_checkpoint`), so an AREIR checkpoint handed to the baseline, or a
+tokenizer's handed to the IRGen evaluation, is named as such instead of failing on hundreds of missing keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL_KEY = "irlab_model"
+
+
+class CheckpointError(ValueError):
+    """A file that is not the checkpoint the command needs."""
+
+
+def model_class_name(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def read_checkpoint(path: str | Path, expected_class: str | None = None, hint: str = "") -> dict[str, Any]:
+    """A Lightning checkpoint loaded with ``weights_only=True`` (tensors and plain data only, never code).
+
+    ``expected_class`` (``module.Class``): refuse a checkpoint written by another model class, naming it.
+    ``hint`` is appended to every error (e.g. where the right checkpoint lives).
+    """
+    path = Path(path).expanduser()
+    tail = f" {hint}" if hint else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}.{tail}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors of every kind mean the same thing here
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint that loads safely (weights_only=True): "
+                              f"{type(exc).__name__}: {exc}.{tail}") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise CheckpointError(f"{path} is a PyTorch file but not a Lightning checkpoint (no 'state_dict'); "
+                              f"pass a .ckpt written by train.py.{tail}")
+    found = state.get(MODEL_KEY)
+    if expected_class and found and found != expected_class:
+        raise CheckpointError(f"{path} is a {found} checkpoint, not a {expected_class} one: evaluate it with the "
+                              f"experiment that trained it (its run folder's .hydra/config.yaml).{tail}")
+    return state
