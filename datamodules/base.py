@@ -23,6 +23,8 @@ from datamodules.records import AnnotationError, ImageRecord
 
 log = logging.getLogger(__name__)
 
+RESIZE_MODES = ("square", "short_side")
+INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -127,6 +129,9 @@ class RetrievalDataModule(L.LightningDataModule):
         protocol: str = "zero_shot",
         image_size: int = 224,
         resize_size: int | None = None,
+        resize_mode: str = "square",
+        interpolation: str = "bilinear",
+        hflip: bool = True,
         crop: bool = False,
         mean: Sequence[float] = IMAGENET_MEAN,
         std: Sequence[float] = IMAGENET_STD,
@@ -144,6 +149,10 @@ class RetrievalDataModule(L.LightningDataModule):
         self.root = Path(root) if root else Path(data_dir) / self.name
         self.protocol, self.image_size, self.crop = protocol, image_size, crop
         self.resize_size = resize_size or image_size
+        if resize_mode not in RESIZE_MODES or interpolation not in INTERPOLATIONS:
+            raise ValueError(f"dataset.resize_mode must be one of {RESIZE_MODES} and dataset.interpolation one of "
+                             f"{sorted(INTERPOLATIONS)}, got {resize_mode!r}, {interpolation!r}")
+        self.resize_mode, self.interpolation, self.hflip = resize_mode, interpolation, hflip
         self.mean, self.std = tuple(mean), tuple(std)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
@@ -203,13 +212,19 @@ class RetrievalDataModule(L.LightningDataModule):
         self._require_setup()
         return self.split.val if stage == "val" else self.split.test
 
+    def _resize(self) -> v2.Resize:
+        """Square (both sides to ``resize_size``) or short-side (aspect kept) resize, then a crop follows."""
+        size = (self.resize_size, self.resize_size) if self.resize_mode == "square" else self.resize_size
+        return v2.Resize(size, interpolation=INTERPOLATIONS[self.interpolation], antialias=True)
+
     def train_transform(self):
+        crops = self.resize_size != self.image_size or self.resize_mode == "short_side"
         return v2.Compose(
             [
                 v2.PILToTensor(),
-                v2.Resize((self.resize_size, self.resize_size), antialias=True),
-                v2.RandomCrop(self.image_size) if self.resize_size != self.image_size else v2.Identity(),
-                v2.RandomHorizontalFlip(),
+                self._resize(),
+                v2.RandomCrop(self.image_size) if crops else v2.Identity(),
+                v2.RandomHorizontalFlip() if self.hflip else v2.Identity(),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(self.mean, self.std),
             ]
@@ -219,7 +234,7 @@ class RetrievalDataModule(L.LightningDataModule):
         return v2.Compose(
             [
                 v2.PILToTensor(),
-                v2.Resize((self.resize_size, self.resize_size), antialias=True),
+                self._resize(),
                 v2.CenterCrop(self.image_size),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize(self.mean, self.std),

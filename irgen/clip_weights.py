@@ -78,7 +78,7 @@ def read_clip_visual(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"CLIP checkpoint not found: {path}. Download e.g. {CLIP_URLS['clip_vit_b_16']} "
-                                f"and set model.encoder.pretrained=/path/to/ViT-B-16.pt")
+                                f"and set irgen.tokenizer.encoder.pretrained=/path/to/ViT-B-16.pt")
     if _is_torchscript(path):
         with warnings.catch_warnings():  # torch.jit is deprecated but remains the only reader of these archives
             warnings.simplefilter("ignore", FutureWarning)
@@ -164,8 +164,9 @@ def convert_clip_visual(visual: dict[str, torch.Tensor], grid: int | None = None
 class CLIPViTEncoder(ImageEncoder):
     """CLIP's visual transformer built from torchvision parts; tokens projected to CLIP's embedding space."""
 
-    def __init__(self, spec: CLIPSpec, image_size: int) -> None:
+    def __init__(self, spec: CLIPSpec, image_size: int, output: str = "projected") -> None:
         super().__init__()
+        self.output = output
         if image_size % spec.patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of the CLIP patch size {spec.patch_size}")
         self.spec = spec
@@ -176,33 +177,38 @@ class CLIPViTEncoder(ImageEncoder):
             layer.mlp[1] = QuickGELU()
         self.vit.heads = nn.Identity()
         self.proj = nn.Identity() if spec.output_dim is None else nn.Linear(spec.width, spec.output_dim, bias=False)
-        self.dim = spec.output_dim or spec.width
+        self.dim = spec.output_dim or spec.width if output == "projected" else spec.width
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.vit._process_input(images)
         cls = self.vit.class_token.expand(x.shape[0], -1, -1)
-        return self.proj(self.vit.encoder(torch.cat([cls, x], dim=1)))
+        x = torch.cat([cls, x], dim=1)
+        if self.output == "transformer":  # the reference's tokens: no ln_post, no projection
+            encoder = self.vit.encoder
+            return encoder.layers(encoder.dropout(x + encoder.pos_embedding))
+        return self.proj(self.vit.encoder(x))
 
 
-def build_clip_encoder(arch: str, image_size: int = 224, pretrained: bool | str = False) -> CLIPViTEncoder:
+def build_clip_encoder(arch: str, image_size: int = 224, pretrained: bool | str = False,
+                       output: str = "projected") -> CLIPViTEncoder:
     """``clip_vit_b_16`` (random init or a local file) or ``clip`` (architecture read from the local file)."""
     if pretrained is True or pretrained == "true":
         url = CLIP_URLS.get(arch, CLIP_URLS["clip_vit_b_16"])
         raise ValueError(f"CLIP weights are never downloaded implicitly: fetch {url} on a machine with network and "
-                         f"set model.encoder.pretrained=/path/to/ViT-B-16.pt")
+                         f"set irgen.tokenizer.encoder.pretrained=/path/to/ViT-B-16.pt")
     if not pretrained or pretrained == "false":
         if arch not in CLIP_SPECS:
             raise ValueError(f"arch={arch} reads its architecture from the checkpoint: set "
-                             f"model.encoder.pretrained=/path/to/clip.pt (or use clip_vit_b_16)")
-        return CLIPViTEncoder(CLIP_SPECS[arch], image_size)
+                             f"irgen.tokenizer.encoder.pretrained=/path/to/clip.pt (or use clip_vit_b_16)")
+        return CLIPViTEncoder(CLIP_SPECS[arch], image_size, output)
     visual = read_clip_visual(pretrained)
     spec = spec_from_state(visual)
     if arch in CLIP_SPECS:
         want = CLIP_SPECS[arch]
         if (spec.patch_size, spec.width, spec.layers) != (want.patch_size, want.width, want.layers):
             raise ValueError(f"{pretrained} holds a CLIP ViT with patch {spec.patch_size}, width {spec.width}, "
-                             f"{spec.layers} layers, not {arch}; use model.encoder.arch=clip to take the file's")
-    encoder = CLIPViTEncoder(spec, image_size)
+                             f"{spec.layers} layers, not {arch}; use irgen.tokenizer.encoder.arch=clip to take the file's")
+    encoder = CLIPViTEncoder(spec, image_size, output)
     state = convert_clip_visual(visual, grid=image_size // spec.patch_size)
     missing, unexpected = encoder.load_state_dict(state, strict=False)
     if missing or unexpected:

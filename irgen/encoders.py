@@ -74,7 +74,8 @@ def load_vit_weights(vit: VisionTransformer, path: str) -> None:
     state = load_local_state_dict(path)
     if any(k.removeprefix("module.").removeprefix("visual.") == "conv1.weight" for k in state):
         raise ValueError(f"{path} is a CLIP checkpoint (conv1/ln_pre/QuickGELU/proj layout): use "
-                         f"model.encoder.arch=clip_vit_b_16 (or arch=clip to read the architecture from the file)")
+                         f"irgen.tokenizer.encoder.arch=clip_vit_b_16 (or arch=clip to read the architecture from the "
+                         f"file)")
     state = {k.removeprefix("vit."): v for k, v in state.items() if not k.startswith("heads")}
     missing, _ = vit.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith("heads")]
@@ -98,11 +99,28 @@ class ResNetEncoder(ImageEncoder):
         return torch.cat([cells.mean(dim=1, keepdim=True), cells], dim=1)
 
 
-def build_encoder(arch: str = "vit_tiny", image_size: int = 224, pretrained: bool | str = False) -> ImageEncoder:
+CLIP_OUTPUTS = ("projected", "transformer")
+ENCODER_DEFAULTS = {"arch": "vit_b_16", "image_size": 224, "pretrained": False, "clip_output": "projected"}
+
+
+def build_encoder_from_config(encoder: dict) -> ImageEncoder:
+    """The encoder of an ``irgen.tokenizer.encoder`` mapping (keys of `ENCODER_DEFAULTS`; unknown keys fail)."""
+    unknown = set(encoder) - set(ENCODER_DEFAULTS)
+    if unknown:
+        raise ValueError(f"encoder settings take {sorted(ENCODER_DEFAULTS)}, got unknown {sorted(unknown)}")
+    return build_encoder(**{**ENCODER_DEFAULTS, **encoder})
+
+
+def build_encoder(arch: str = "vit_b_16", image_size: int = 224, pretrained: bool | str = False,
+                  clip_output: str = "projected") -> ImageEncoder:
+    """``clip_output`` (CLIP only): ``projected`` tokens (after CLIP's ``ln_post`` and ``proj``, its embedding
+    space) or ``transformer`` tokens (the last block's output, as the IRGen reference uses them)."""
+    if clip_output not in CLIP_OUTPUTS:
+        raise ValueError(f"clip_output must be one of {CLIP_OUTPUTS}, got {clip_output!r}")
     if arch == "clip" or arch.startswith("clip_"):  # OpenAI/open_clip visual towers (the IRGen paper's encoder)
         from irgen.clip_weights import build_clip_encoder
 
-        return build_clip_encoder(arch, image_size, pretrained)
+        return build_clip_encoder(arch, image_size, pretrained, output=clip_output)
     if arch in VIT_SPECS:
         return ViTEncoder(arch, image_size, pretrained)
     if arch in RESNETS:

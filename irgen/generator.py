@@ -33,13 +33,16 @@ import torch.nn.functional as F
 
 from irgen.beam_search import beam_search
 from irgen.decoder import DecoderConfig, IdentifierDecoder
-from irgen.encoders import build_encoder
+from irgen.encoders import build_encoder_from_config
 from irgen.ranking import expand_identifiers, rank_identifiers, rerank_by_similarity, score_all_identifiers
 from irgen.trie import IdentifierTrie, validate_codes
 from irlab.module import RetrievalModule
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_rankings
+from irlab.schedules import build_scheduler, schedule_settings
 
+# irlab's default (conf/model/irgen_generator.yaml); the reference recipe is conf/recipe/irgen_paper.yaml
+DEFAULT_SCHEDULE = {"name": "warmup_cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.0}
 # the ranking rows of every IRGen evaluation, as `irlab.reporting` labels them (metric key infix -> label)
 RANKING_ROWS = {"": "generative (paper)", "rerank": "generative + rerank", "knn": "kNN, same encoder",
                 "exhaustive": "exhaustive scoring"}
@@ -70,17 +73,17 @@ class IRGenGenerator(RetrievalModule):
         code_depth: int | None = None,
         codebook_size: int | None = None,
         encoder: Mapping | None = None,
-        encoder_init: str | None = None,
+        encoder_init: str | None = "tokenizer",
         width: int = 768,
         layers: int = 12,
         heads: int = 12,
         mlp_ratio: float = 4.0,
-        dropout: float = 0.0,
+        dropout: float = 0.1,
         lr: float = 1e-4,
         encoder_lr_scale: float = 0.01,
         weight_decay: float = 0.05,
-        warmup_fraction: float = 0.05,
-        min_lr_ratio: float = 0.0,
+        betas: Sequence[float] = (0.9, 0.95),
+        schedule: Mapping | None = None,
         label_smoothing: float = 0.1,
         beam_size: int = 30,
         eval_ks: Sequence[int] = (1, 10, 20, 30),
@@ -94,9 +97,10 @@ class IRGenGenerator(RetrievalModule):
                              "fills them from the artifact; when building the generator yourself, pass them")
         encoder = dict(to_plain(encoder) or {})  # plain containers: checkpoints stay loadable with weights_only=True
         eval_ks = [int(k) for k in to_plain(eval_ks)]
+        betas = [float(b) for b in to_plain(betas)]
+        schedule = schedule_settings(to_plain(schedule) or DEFAULT_SCHEDULE)
         self.save_hyperparameters()
-        self.encoder = build_encoder(encoder.get("arch", "vit_tiny"), encoder.get("image_size", 224),
-                                     encoder.get("pretrained", False))
+        self.encoder = build_encoder_from_config(encoder)
         self.decoder = IdentifierDecoder(DecoderConfig(
             depth_levels=code_depth, codebook_size=codebook_size, width=width, layers=layers, heads=heads,
             mlp_ratio=mlp_ratio, dropout=dropout, memory_dim=self.encoder.dim,
@@ -180,18 +184,12 @@ class IRGenGenerator(RetrievalModule):
                 continue
             groups.append({"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": hp.weight_decay})
             groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=(0.9, 0.95))
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = min(total - 1, int(hp.warmup_fraction * total))
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min(1.0, (step - warmup) / max(1, total - warmup))
-            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        scheduler = build_scheduler(optimizer, hp.schedule, total_steps=total, steps_per_epoch=math.ceil(total / epochs),
+                                    max_epochs=epochs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def _start_eval(self, stage: str) -> None:

@@ -44,7 +44,8 @@ ARTIFACT_NAME = "identifiers.pt"
 STATS_NAME = "identifier_stats.json"
 TOKENIZER_DIR = "tokenizer"
 # dataset settings that change what the tokenizer sees (transforms, batches), beyond the records themselves
-DATA_KEYS = ("image_size", "resize_size", "crop", "mean", "std", "batch_size", "max_per_class", "val_fraction")
+DATA_KEYS = ("image_size", "resize_size", "resize_mode", "interpolation", "hflip", "crop", "mean", "std", "batch_size",
+             "max_per_class", "val_fraction")
 # trainer settings that change the trained tokenizer (not where it logs or how many devices run it)
 TRAINER_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "precision",
                 "gradient_clip_val")

@@ -15,7 +15,8 @@ feature as ``val/raw_R@1``, so checkpoint selection looks at what the identifier
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,18 +25,34 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from datamodules.base import RecordDataset
-from irgen.encoders import build_encoder
+from irgen.encoders import build_encoder_from_config
 from irgen.kmeans import check_enough_points
 from irgen.quantizer import Quantized, ResidualQuantizer, perplexity
 from irlab.baseline import NormalizedSoftmaxLoss
 from irlab.module import RetrievalModule
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
+from irlab.schedules import build_scheduler, schedule_settings
 
 log = logging.getLogger(__name__)
 
 UPDATES = ("refit", "ema")
 DEFAULT_LOSS = {"raw": 1.0, "partial": 1.0, "commit": 0.25}
+LOSS_FORMS = ("irlab", "reference")
+HEADS = ("cosine_shared", "linear_separate")
+# CosineAnnealingLR(T_max=max_epochs), stepped per epoch: irlab's default (conf/model/irgen_tokenizer.yaml)
+DEFAULT_SCHEDULE = {"name": "warmup_cosine", "warmup_fraction": 0.0, "min_lr_ratio": 0.0, "interval": "epoch"}
+
+
+class LinearSoftmaxLoss(nn.Module):
+    """Cross-entropy of a plain linear classifier (the reference tokenizer's ``fc`` / ``fc_rq`` heads)."""
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.fc(features), labels)
 
 
 class IRGenTokenizer(RetrievalModule):
@@ -53,10 +70,14 @@ class IRGenTokenizer(RetrievalModule):
         kmeans_max_points: int | None = None,
         min_points_per_code: int = 4,
         loss_weights: Mapping | None = None,
+        loss_form: str = "irlab",
+        head: str = "cosine_shared",
         temperature: float = 0.05,
         lr: float = 1e-3,
-        encoder_lr_scale: float = 1.0,
+        encoder_lr_scale: float = 0.1,
         weight_decay: float = 1e-4,
+        betas: Sequence[float] = (0.9, 0.999),
+        schedule: Mapping | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -66,13 +87,22 @@ class IRGenTokenizer(RetrievalModule):
             raise ValueError(f"loss_weights keys must be {sorted(DEFAULT_LOSS)}, got {sorted(loss_weights)}")
         if codebook_update not in UPDATES:
             raise ValueError(f"codebook_update must be one of {UPDATES}, got {codebook_update!r}")
+        if loss_form not in LOSS_FORMS or head not in HEADS:
+            raise ValueError(f"loss_form must be one of {LOSS_FORMS} and head one of {HEADS}, got {loss_form!r}, "
+                             f"{head!r}")
+        betas = [float(b) for b in to_plain(betas)]
+        schedule = schedule_settings(to_plain(schedule) or DEFAULT_SCHEDULE)
         self.save_hyperparameters()
-        self.encoder = build_encoder(encoder.get("arch", "vit_tiny"), encoder.get("image_size", 224),
-                                     encoder.get("pretrained", False))
+        self.encoder = build_encoder_from_config(encoder)
         dim = feature_dim or self.encoder.dim
         self.proj = nn.Linear(self.encoder.dim, dim) if feature_dim else nn.Identity()
         self.quantizer = ResidualQuantizer(num_levels, num_codes, dim, ema_decay=ema_decay)
-        self.classifier = NormalizedSoftmaxLoss(num_classes, dim, temperature)
+        if head == "cosine_shared":  # one normalized-softmax head for the raw feature and every reconstruction
+            self.classifier = NormalizedSoftmaxLoss(num_classes, dim, temperature)
+            self.partial_classifier = None
+        else:  # the reference's: a linear head for the raw feature, another shared by the reconstructions
+            self.classifier = LinearSoftmaxLoss(num_classes, dim)
+            self.partial_classifier = LinearSoftmaxLoss(num_classes, dim)
         self.loss_weights = loss_weights
         self._refit_epoch = -1
 
@@ -106,9 +136,15 @@ class IRGenTokenizer(RetrievalModule):
         # it had been applied to z itself
         partial_st = z[:, None] + (q.partials - z[:, None]).detach()
         loss_raw = self.classifier(z, labels)
-        loss_partial = torch.stack([self.classifier(partial_st[:, d], labels)
-                                    for d in range(self.quantizer.num_levels)]).mean()
-        commit = (z[:, None] - q.partials).pow(2).sum(-1).mean()
+        partial_head = self.partial_classifier or self.classifier
+        per_level = torch.stack([partial_head(partial_st[:, d], labels)
+                                 for d in range(self.quantizer.num_levels)])
+        if self.hparams.loss_form == "irlab":  # mean over levels; squared distance summed over dimensions
+            loss_partial = per_level.mean()
+            commit = (z[:, None] - q.partials).pow(2).sum(-1).mean()
+        else:  # the reference: sums over levels of the cross-entropy and of the element-wise mean squared error
+            loss_partial = per_level.sum()
+            commit = (z[:, None] - q.partials).pow(2).mean(dim=(0, 2)).sum()
         w = self.loss_weights
         loss = w["raw"] * loss_raw + w["partial"] * loss_partial + w["commit"] * commit
         if self.hparams.codebook_update == "ema":
@@ -191,13 +227,16 @@ class IRGenTokenizer(RetrievalModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        head = list(self.proj.parameters()) + list(self.classifier.parameters())
+        heads = [p for m in (self.proj, self.classifier, self.partial_classifier) if m is not None
+                 for p in m.parameters()]
         groups = [{"params": self.encoder.parameters(), "lr": hp.lr * hp.encoder_lr_scale},
-                  {"params": head, "lr": hp.lr}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        max_epochs = max(1, self.trainer.max_epochs or 1)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+                  {"params": heads, "lr": hp.lr}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        scheduler = build_scheduler(optimizer, hp.schedule, total_steps=total, steps_per_epoch=math.ceil(total / epochs),
+                                    max_epochs=epochs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 @torch.no_grad()

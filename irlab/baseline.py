@@ -34,7 +34,7 @@ class EmbeddingBaseline(RetrievalModule):
         num_classes: int,
         arch: str = "resnet18",
         pretrained: bool | str = False,
-        embedding_dim: int = 512,
+        embedding_dim: int = 128,
         temperature: float = 0.05,
         lr: float = 1e-3,
         trunk_lr_scale: float = 1.0,

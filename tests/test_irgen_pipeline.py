@@ -141,3 +141,18 @@ def test_tokenizer_encodes_identifiers_with_the_selected_checkpoint(tmp_path):
     load_weights(model, chosen)
     codes, _ = encode_records(model, dm)
     assert torch.equal(codes, artifact.codes)
+
+
+def test_reference_recipe_trains_both_stages(tmp_path):
+    """recipe=irgen_paper: reference heads, loss, betas, schedules and transforms run (tiny images here)."""
+    from tests.test_irgen_generator import PIPELINE_FAST
+
+    cfg = compose_config(PIPELINE_FAST + ["recipe=irgen_paper", "dataset.image_size=16", "dataset.resize_size=20",
+                                          "dataset.batch_size=32"], output_dir=tmp_path)
+    tok, gen = cfg.irgen.tokenizer, cfg.irgen.generator
+    assert (tok.head, tok.loss_form, tok.schedule.name, gen.schedule.name) == (
+        "linear_separate", "reference", "cosine_restarts", "cosine_restarts")
+    assert cfg.dataset.resize_mode == "short_side" and cfg.dataset.hflip is False
+    metrics = run(cfg)
+    for key in ("test/R@1", "test/rerank/R@1", "test/knn/R@1", "tokenizer/quantized_R@1"):
+        assert 0 <= metrics[key] <= 1, key

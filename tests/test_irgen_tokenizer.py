@@ -212,8 +212,9 @@ def synthetic_clip_visual(seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-def reference_clip_visual(sd: dict[str, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
-    """CLIP's VisionTransformer.forward written out by hand (OpenAI clip/model.py semantics)."""
+def reference_clip_visual(sd: dict[str, torch.Tensor], images: torch.Tensor, projected: bool = True) -> torch.Tensor:
+    """CLIP's VisionTransformer.forward written out by hand (OpenAI clip/model.py semantics); ``projected=False``:
+    the IRGen reference's modified forward, which returns every token before ``ln_post`` and ``proj``."""
     ln = lambda x, n: F.layer_norm(x, (WIDTH,), sd[n + ".weight"], sd[n + ".bias"], eps=1e-5)  # noqa: E731
     x = F.conv2d(images, sd["conv1.weight"], stride=PATCH).flatten(2).transpose(1, 2)
     x = torch.cat([sd["class_embedding"].expand(len(x), 1, -1), x], dim=1) + sd["positional_embedding"]
@@ -230,7 +231,7 @@ def reference_clip_visual(sd: dict[str, torch.Tensor], images: torch.Tensor) -> 
         h = ln(x, p + "ln_2") @ sd[p + "mlp.c_fc.weight"].T + sd[p + "mlp.c_fc.bias"]
         h = h * torch.sigmoid(1.702 * h)  # QuickGELU
         x = x + h @ sd[p + "mlp.c_proj.weight"].T + sd[p + "mlp.c_proj.bias"]
-    return ln(x[:, 0], "ln_post") @ sd["proj"]
+    return ln(x[:, 0], "ln_post") @ sd["proj"] if projected else x
 
 
 def _torchscript_archive(state: dict[str, torch.Tensor], path) -> None:
@@ -260,6 +261,12 @@ def test_clip_conversion_matches_reference_forward(tmp_path):
     encoder.load_state_dict(convert_clip_visual(sd), strict=True)
     with torch.no_grad():
         assert torch.allclose(encoder.global_feature(images), expected, atol=1e-5)
+    # the reference's tokens (clip_output=transformer): all of them, before ln_post and proj
+    tokens = CLIPViTEncoder(spec, IMAGE, output="transformer").eval()
+    tokens.load_state_dict(convert_clip_visual(sd), strict=True)
+    assert tokens.dim == WIDTH
+    with torch.no_grad():
+        assert torch.allclose(tokens(images), reference_clip_visual(sd, images, projected=False), atol=1e-5)
 
     # the same through build_encoder, from each file layout a user may have
     files = {
