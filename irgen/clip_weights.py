@@ -207,7 +207,8 @@ def build_clip_encoder(arch: str, image_size: int = 224, pretrained: bool | str 
         want = CLIP_SPECS[arch]
         if (spec.patch_size, spec.width, spec.layers) != (want.patch_size, want.width, want.layers):
             raise ValueError(f"{pretrained} holds a CLIP ViT with patch {spec.patch_size}, width {spec.width}, "
-                             f"{spec.layers} layers, not {arch}; use irgen.tokenizer.encoder.arch=clip to take the file's")
+                             f"{spec.layers} layers, not {arch}; use irgen.tokenizer.encoder.arch=clip to take the "
+                             f"file's")
     encoder = CLIPViTEncoder(spec, image_size, output)
     state = convert_clip_visual(visual, grid=image_size // spec.patch_size)
     missing, unexpected = encoder.load_state_dict(state, strict=False)

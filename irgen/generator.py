@@ -23,7 +23,6 @@ buffer of the module, so a checkpoint evaluates without the artifact.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -39,7 +38,7 @@ from irgen.trie import IdentifierTrie, validate_codes
 from irlab.module import RetrievalModule
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_rankings
-from irlab.schedules import build_scheduler, schedule_settings
+from irlab.schedules import schedule_settings, trainer_scheduler
 
 # irlab's default (conf/model/irgen_generator.yaml); the reference recipe is conf/recipe/irgen_paper.yaml
 DEFAULT_SCHEDULE = {"name": "warmup_cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.0}
@@ -185,11 +184,7 @@ class IRGenGenerator(RetrievalModule):
             groups.append({"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": hp.weight_decay})
             groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        scheduler = build_scheduler(optimizer, hp.schedule, total_steps=total, steps_per_epoch=math.ceil(total / epochs),
-                                    max_epochs=epochs)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return {"optimizer": optimizer, "lr_scheduler": trainer_scheduler(self.trainer, optimizer, hp.schedule)}
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def _start_eval(self, stage: str) -> None:

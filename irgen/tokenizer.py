@@ -15,7 +15,6 @@ feature as ``val/raw_R@1``, so checkpoint selection looks at what the identifier
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -32,7 +31,7 @@ from irlab.baseline import NormalizedSoftmaxLoss
 from irlab.module import RetrievalModule
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
-from irlab.schedules import build_scheduler, schedule_settings
+from irlab.schedules import schedule_settings, trainer_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -232,11 +231,7 @@ class IRGenTokenizer(RetrievalModule):
         groups = [{"params": self.encoder.parameters(), "lr": hp.lr * hp.encoder_lr_scale},
                   {"params": heads, "lr": hp.lr}]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = max(1, int(self.trainer.max_epochs or 1))
-        scheduler = build_scheduler(optimizer, hp.schedule, total_steps=total, steps_per_epoch=math.ceil(total / epochs),
-                                    max_epochs=epochs)
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+        return {"optimizer": optimizer, "lr_scheduler": trainer_scheduler(self.trainer, optimizer, hp.schedule)}
 
 
 @torch.no_grad()

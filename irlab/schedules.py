@@ -87,3 +87,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any
         interval = "step"
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
     return {"scheduler": scheduler, "interval": interval}
+
+
+def trainer_scheduler(trainer, optimizer: torch.optim.Optimizer, schedule: Mapping[str, Any] | None) -> dict[str, Any]:
+    """`build_scheduler` sized by a Lightning trainer's run (stepping batches, epochs)."""
+    total = max(1, int(trainer.estimated_stepping_batches))
+    epochs = max(1, int(trainer.max_epochs or 1))
+    return build_scheduler(optimizer, schedule, total_steps=total, steps_per_epoch=math.ceil(total / epochs),
+                           max_epochs=epochs)

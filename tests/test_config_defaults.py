@@ -54,7 +54,8 @@ def test_cosine_restarts_is_timm_semantics():
     assert cosine_restarts_lr(0, base, **ref) == 5e-8
     assert cosine_restarts_lr(10, base, **ref) == pytest.approx(5e-8 + 10 * (base - 5e-8) / 20)
     # after the warm-up the cosine is *not* shifted: epoch 20 is 20% into the first cycle
-    assert cosine_restarts_lr(20, base, **ref) == pytest.approx(5e-7 + 0.5 * (base - 5e-7) * (1 + math.cos(0.2 * math.pi)))
+    at_20 = 5e-7 + 0.5 * (base - 5e-7) * (1 + math.cos(0.2 * math.pi))
+    assert cosine_restarts_lr(20, base, **ref) == pytest.approx(at_20)
     assert cosine_restarts_lr(100, base, **ref) == pytest.approx(base)  # restart
     assert cosine_restarts_lr(399.99, base, **ref) == pytest.approx(5e-7, rel=1e-3)
     assert cosine_restarts_lr(400, base, **ref) == 5e-7  # past cycle_limit
