@@ -3,7 +3,7 @@
 Metric keys are ``<stage>/<name>`` for a model's own ranking and ``<stage>/<row>/<name>`` for another ranking
 of the same queries (IRGen logs ``test/R@1`` for generative retrieval as the paper ranks it, ``test/rerank/R@1``
 and ``test/knn/R@1``). `metric_rows` groups them so that the rows of one evaluation can be read side by side:
-``metrics.json`` holds the grouped view under ``"rows"`` and the terminal shows one line per row.
+``metrics.json`` holds the grouped view under ``"rows"`` and the terminal shows one column per row.
 """
 
 from __future__ import annotations
@@ -63,18 +63,18 @@ def write_metrics(path: str | Path, metrics: dict[str, float], data: dict,
 
 
 def print_metrics(metrics: dict[str, float], title: str, row_names: Mapping[str, str] | None = None) -> None:
-    """The ranking rows side by side (one line each), then every other metric, then greppable headlines."""
+    """The ranking rows side by side (one column each), then every other metric, then greppable headlines."""
     console = Console()
     rows = metric_rows(metrics, row_names)
     shown = set()
-    for stage, by_row in rows.items():
-        columns = sorted({name for m in by_row.values() for name in m}, key=_headline_order)
+    for stage, by_row in rows.items():  # one column per ranking row: a few columns fit any terminal
+        names = sorted({name for m in by_row.values() for name in m}, key=_headline_order)
         table = Table(title=f"{title} -- {stage}")
-        table.add_column("ranking")
-        for name in columns:
-            table.add_column(name, justify="right")
-        for label, m in by_row.items():
-            table.add_row(label, *(f"{m[c]:.4f}" if c in m else "" for c in columns))
+        table.add_column("metric")
+        for label in by_row:
+            table.add_column(label, justify="right")
+        for name in names:
+            table.add_row(name, *(f"{m[name]:.4f}" if name in m else "-" for m in by_row.values()))
         console.print(table)
         shown |= {k for k in metrics if k.split("/")[0] == stage and _HEADLINE.match(k.split("/")[-1])
                   and len(k.split("/")) in (2, 3)}
