@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from irgen.generator import RANKING_ROWS, IRGenGenerator
 from irlab.checkpoints import CheckpointError, model_class_name, read_checkpoint
+from irlab.provenance import run_provenance
 from irlab.reporting import print_metrics, write_metrics
 from irlab.train import build_datamodule, build_trainer, logged_metrics, resolve_ckpt_path
 
@@ -67,7 +68,8 @@ def evaluate_generator(cfg: DictConfig) -> dict[str, float]:
     metrics = logged_metrics(trainer, f"{stage}/")
     if trainer.is_global_zero:
         data = {**datamodule.describe(), "checkpoint": str(ckpt)}
-        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, data, RANKING_ROWS)
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, data, RANKING_ROWS,
+                      provenance=run_provenance(cfg, datamodule))
         print_metrics(metrics, title=f"eval {Path(ckpt).name}: {datamodule.name} / {datamodule.protocol}",
                       row_names=RANKING_ROWS)
     return metrics

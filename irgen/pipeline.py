@@ -29,12 +29,14 @@ from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.learning_curve import LearningCurve
 from datamodules.base import RetrievalDataModule
 from irgen.artifact import IdentifierArtifact, StaleArtifactError, dataset_fingerprint, load_artifact, save_artifact
 from irgen.generator import RANKING_ROWS
 from irgen.identifier_stats import identifier_stats, quantized_retrieval
 from irgen.kmeans import effective_num_codes
 from irlab.plain import to_plain
+from irlab.provenance import run_provenance
 from irlab.reporting import print_metrics, write_metrics
 from irlab.train import build_datamodule, build_model, instantiate_group, log_hyperparameters, logged_metrics
 
@@ -122,6 +124,8 @@ def build_stage_trainer(cfg: DictConfig, stage: str, ckpt_dir: Path, monitor: st
         extra = {}
         if issubclass(target, ModelCheckpoint):
             extra = {"dirpath": str(ckpt_dir), "monitor": monitor, "mode": "max", "save_last": True}
+        elif issubclass(target, LearningCurve):  # one curve per stage in the run folder
+            extra = {"monitor": monitor, "name": f"learning_curve_{stage}"}
         callbacks.append(hydra.utils.instantiate(conf, **extra))
     if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # resuming needs last.ckpt
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0))
@@ -383,6 +387,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if rank_zero_only.rank == 0:
         data = {**datamodule.describe(), "artifact_dir": str(ctx.artifact_dir)}
         rows = RANKING_ROWS if "generator" in selected else None
-        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", ctx.metrics, data, rows)
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", ctx.metrics, data, rows,
+                      provenance=run_provenance(cfg, datamodule))
         print_metrics(ctx.metrics, title=f"IRGen ({stage}): {datamodule.name} / {datamodule.protocol}", row_names=rows)
     return ctx.metrics

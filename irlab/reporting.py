@@ -51,12 +51,15 @@ def metric_rows(metrics: Mapping[str, float], row_names: Mapping[str, str] | Non
 
 
 def write_metrics(path: str | Path, metrics: dict[str, float], data: dict,
-                  row_names: Mapping[str, str] | None = None) -> Path:
-    """Write metrics with the split they were measured on, atomically (no half-written file after a kill)."""
+                  row_names: Mapping[str, str] | None = None, provenance: dict | None = None) -> Path:
+    """Write metrics with the split they were measured on (and, for a run, its `irlab.provenance`), atomically
+    (no half-written file after a kill)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     content = {"metrics": metrics, "data": data, "rows": metric_rows(metrics, row_names)}
+    if provenance is not None:
+        content["provenance"] = provenance
     tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path

@@ -4,7 +4,8 @@
   ``metrics.json`` (written by the runner) and ``.hydra/overrides.yaml`` once the sweep is over, and writes
   ``<sweep dir>/summary.csv`` plus a table on the terminal: the optimized metric (and ``test/R@1``) per job
   with the overrides that vary between jobs. It reads files rather than in-memory job returns, so it works
-  with any launcher (local, submitit/SLURM) and for jobs that crashed (status ``missing``).
+  with any launcher (local, submitit/SLURM) and for jobs that crashed (status ``missing``). Then the
+  leaderboard (`irlab.leaderboard`): jobs that differ only in ``seed`` averaged, ``leaderboard.csv`` / ``.png``.
 * `JobTeardown` (``hydra.callbacks.job_teardown``) ends each job cleanly: finishes the W&B run (otherwise the
   next job of a sweep in the same process would keep logging into it) and the DDP process group.
 * `wandb_logger` builds a WandbLogger whose run is grouped by sweep (group = sweep folder name) and named after
@@ -27,6 +28,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from irlab.distributed import ddp_env_snapshot, end_ddp_job
+from irlab.leaderboard import leaderboard_rows, print_leaderboard, write_leaderboard
 
 log = logging.getLogger(__name__)
 
@@ -50,14 +52,15 @@ def read_job(job_dir: Path) -> dict[str, Any]:
     overrides_file = job_dir / ".hydra" / "overrides.yaml"
     overrides = [str(o) for o in OmegaConf.load(overrides_file)] if overrides_file.is_file() else []
     metrics_file = job_dir / "metrics.json"
-    metrics, status = {}, "missing"
+    metrics, provenance, status = {}, {}, "missing"
     if metrics_file.is_file():
         try:
-            metrics, status = json.loads(metrics_file.read_text()).get("metrics", {}), "ok"
+            content = json.loads(metrics_file.read_text())
+            metrics, provenance, status = content.get("metrics", {}), content.get("provenance", {}), "ok"
         except json.JSONDecodeError:
             status = "unreadable"
     return {"job": str(job_dir.relative_to(job_dir.parent)), "dir": job_dir, "overrides": overrides,
-            "metrics": metrics, "status": status}
+            "metrics": metrics, "provenance": provenance, "status": status}
 
 
 def _split_override(override: str) -> tuple[str, str]:
@@ -140,6 +143,11 @@ class MultirunSummary(Callback):
         shown = [m for m in metrics if m == optimized or any(m in j["metrics"] for j in jobs)]
         print_summary(jobs, shown, title=f"sweep {sweep_dir.name}: {len(jobs)} jobs", mode=self.mode)
         log.info(f"sweep summary: {path}")
+        rows = leaderboard_rows(jobs)  # jobs differing only in seed -> mean +- std
+        if rows:
+            csv_path, png = write_leaderboard(sweep_dir, rows)
+            print_leaderboard(rows, title=f"leaderboard {sweep_dir.name} (test, mean ± std over seeds)")
+            log.info(f"leaderboard: {csv_path}" + (f", {png}" if png else ""))
 
 
 # ---- per-job cleanup ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.base import RetrievalDataModule
 from irlab.checkpoints import model_class_name, read_checkpoint
 from irlab.distributed import install_hydra_ddp_launch
+from irlab.provenance import run_provenance, start_clock
 from irlab.reporting import print_metrics, write_metrics
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,8 @@ def fit_and_test(cfg: DictConfig) -> dict[str, float]:
         metrics.update(logged_metrics(trainer, "test/"))
 
     if trainer.is_global_zero:
-        write_metrics(output_dir / "metrics.json", metrics, datamodule.describe())
+        write_metrics(output_dir / "metrics.json", metrics, datamodule.describe(),
+                      provenance=run_provenance(cfg, datamodule))
         print_metrics(metrics, title=f"{cfg.task_name}: {datamodule.name} / {datamodule.protocol}")
     return metrics
 
@@ -148,7 +150,8 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         trainer.test(model, datamodule=datamodule)
     metrics = logged_metrics(trainer, f"{stage}/")
     if trainer.is_global_zero:
-        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, datamodule.describe())
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, datamodule.describe(),
+                      provenance=run_provenance(cfg, datamodule))
         print_metrics(metrics, title=f"eval {Path(ckpt).name}: {datamodule.name} / {datamodule.protocol}")
     return metrics
 
@@ -160,6 +163,7 @@ def run(cfg: DictConfig, action: str = "train") -> dict[str, float]:
     """Call the method's ``train`` or ``evaluate`` function (``cfg.method.<action>``)."""
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+    start_clock()
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
     return hydra.utils.get_method(cfg.method[action])(cfg)

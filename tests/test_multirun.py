@@ -76,3 +76,36 @@ def test_optional_sweeper_and_launcher_configs_compose(plugin, override, tmp_pat
         assert cfg.hydra.sweeper.direction == "maximize" and "model.lr" in cfg.hydra.sweeper.params
     else:
         assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (2, 8)
+
+
+def _job_with_split(sweep, name, overrides, metrics, fingerprint="a", wall=10.0):
+    _fake_job(sweep, name, overrides, None)
+    content = {"metrics": metrics, "data": {}, "provenance": {"split_fingerprint": fingerprint, "wall_seconds": wall}}
+    (sweep / name / "metrics.json").write_text(json.dumps(content))
+
+
+def test_leaderboard_groups_seeds_and_refuses_different_splits(tmp_path):
+    from irlab.leaderboard import leaderboard_rows, write_leaderboard
+
+    irgen = {"test/R@1": 0.5, "test/P@8": 0.4, "test/MAP@R": 0.1, "test/knn/R@1": 0.6, "test/rerank/R@1": 0.55}
+    _job_with_split(tmp_path, "0", ["experiment=a", "seed=1"], {"test/R@1": 0.2, "test/MAP@R": 0.1}, wall=10)
+    _job_with_split(tmp_path, "1", ["experiment=a", "seed=2"], {"test/R@1": 0.4, "test/MAP@R": 0.3}, wall=20)
+    _job_with_split(tmp_path, "2", ["experiment=b", "seed=1"], irgen)
+    _job_with_split(tmp_path, "3", ["experiment=b", "seed=2"], {**irgen, "test/R@1": 0.7})
+    _job_with_split(tmp_path, "4", ["experiment=c", "seed=1"], {"test/R@1": 0.2}, fingerprint="a")
+    _job_with_split(tmp_path, "5", ["experiment=c", "seed=2"], {"test/R@1": 0.9}, fingerprint="b")
+    _, jobs = summarize(tmp_path, ["test/R@1"])
+    rows = {r["name"]: r for r in leaderboard_rows(jobs)}
+    assert list(rows) == ["experiment=a", "experiment=b", "experiment=b / rerank", "experiment=b / knn",
+                          "experiment=c"]
+    a = rows["experiment=a"]
+    assert a["seeds"] == 2 and a["wall_seconds"] == 15.0
+    assert a["metrics"]["R@1"] == pytest.approx((0.3, 0.1)) and a["metrics"]["MAP@R"] == pytest.approx((0.2, 0.1))
+    assert rows["experiment=b"]["metrics"]["R@1"] == pytest.approx((0.6, 0.1))
+    assert set(rows["experiment=b"]["metrics"]) == {"R@1", "P@8", "MAP@R"}
+    assert rows["experiment=b / knn"]["metrics"] == {"R@1": pytest.approx((0.6, 0.0))}
+    assert rows["experiment=c"]["status"] == "different splits: not averaged" and not rows["experiment=c"]["metrics"]
+    csv_path, png = write_leaderboard(tmp_path, list(rows.values()))
+    table = list(csv.DictReader(csv_path.open()))
+    assert table[0]["row"] == "experiment=a" and float(table[0]["R@1_mean"]) == pytest.approx(0.3)
+    assert png is not None and png.stat().st_size > 0
