@@ -20,6 +20,7 @@ from torchvision.transforms import v2
 
 from datamodules.protocol import EvalSet, ProtocolSplit, build_protocol
 from datamodules.records import AnnotationError, ImageRecord
+from irlab.paths import expand_path
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class RetrievalDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.skip_corrupt = skip_corrupt
-        self.root = Path(root) if root else Path(data_dir) / self.name
+        self.root = expand_path(root) if root else expand_path(data_dir) / self.name
         self.protocol, self.image_size, self.crop = protocol, image_size, crop
         self.resize_size = resize_size or image_size
         if resize_mode not in RESIZE_MODES or interpolation not in INTERPOLATIONS:

@@ -24,7 +24,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -35,10 +35,19 @@ from irgen.artifact import IdentifierArtifact, StaleArtifactError, dataset_finge
 from irgen.generator import RANKING_ROWS
 from irgen.identifier_stats import identifier_stats, quantized_retrieval
 from irgen.kmeans import effective_num_codes
+from irlab.paths import expand_path
 from irlab.plain import to_plain
 from irlab.provenance import run_provenance
 from irlab.reporting import print_metrics, write_metrics
-from irlab.train import build_datamodule, build_model, instantiate_group, log_hyperparameters, logged_metrics
+from irlab.train import (
+    build_datamodule,
+    build_model,
+    fit_or_exit,
+    instantiate_group,
+    log_hyperparameters,
+    logged_metrics,
+    this_command,
+)
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +131,18 @@ def build_stage_trainer(cfg: DictConfig, stage: str, ckpt_dir: Path, monitor: st
             continue
         target = hydra.utils.get_class(conf._target_)
         extra = {}
-        if issubclass(target, ModelCheckpoint):
-            extra = {"dirpath": str(ckpt_dir), "monitor": monitor, "mode": "max", "save_last": True}
+        if issubclass(target, OnExceptionCheckpoint):  # where this stage's resume looks (`resume_checkpoint`)
+            extra = {"dirpath": str(ckpt_dir)}
+        elif issubclass(target, ModelCheckpoint):  # the selected model and last.ckpt go to the stage's folder
+            extra = {"dirpath": str(ckpt_dir)}
+            if conf.get("monitor") is not None:
+                extra.update(monitor=monitor, mode="max")
         elif issubclass(target, LearningCurve):  # one curve per stage in the run folder
             extra = {"monitor": monitor, "name": f"learning_curve_{stage}"}
         callbacks.append(hydra.utils.instantiate(conf, **extra))
-    if not any(isinstance(c, ModelCheckpoint) for c in callbacks):  # resuming needs last.ckpt
-        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0))
+    if not any(isinstance(c, ModelCheckpoint) and c.monitor is None for c in callbacks):  # resuming needs last.ckpt
+        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,
+                                         enable_version_counter=False))
     loggers = instantiate_group(cfg.get("logger"), Logger)
     return hydra.utils.instantiate(stage_trainer_config(cfg, stage), callbacks=callbacks, logger=loggers or False)
 
@@ -159,9 +173,11 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
     trainer = build_stage_trainer(cfg, "tokenizer", tok_dir)
     log_hyperparameters(trainer, cfg, model, dm)
     last = tok_dir / "last.ckpt"
-    if last.is_file():
-        log.info(f"tokenizer: resuming the interrupted stage from {last}")
-    trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
+    resume = resume_checkpoint(tok_dir)
+    if resume:
+        log.info(f"tokenizer: resuming the interrupted stage from {resume}")
+    fit_or_exit(trainer, f"{this_command()}   (the tokenizer stage resumes from {tok_dir})", model, datamodule=dm,
+                ckpt_path=resume, weights_only=True)
     metrics = logged_metrics(trainer, "val/")
 
     selected, selection = select_checkpoint(trainer, last)
@@ -186,6 +202,12 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
                  f"{int(stats['distinct_identifiers'])} distinct, collision rate {stats['collision_rate']:.3f})")
     trainer.strategy.barrier()
     return {**metrics, **_prefixed(stats)}
+
+
+def resume_checkpoint(stage_dir: Path) -> str | None:
+    """The newest of the stage's ``on_exception.ckpt`` (SIGTERM or a crash, mid-epoch) and ``last.ckpt``."""
+    found = [p for p in (stage_dir / "on_exception.ckpt", stage_dir / "last.ckpt") if p.is_file()]
+    return str(max(found, key=lambda p: p.stat().st_mtime_ns)) if found else None
 
 
 def select_checkpoint(trainer: L.Trainer, last: Path) -> tuple[Path | None, str]:
@@ -283,7 +305,11 @@ def _resolve_encoder_init(ctx: PipelineContext, value: str | None) -> Path | Non
     a checkpoint path."""
     if value in (None, "", "none", "null"):
         return None
-    path = ctx.artifact_dir / TOKENIZER_DIR / "last.ckpt" if value == "tokenizer" else Path(value)
+    if value == "tokenizer":  # the checkpoint the identifiers were encoded with (recorded in the artifact)
+        recorded = (ctx.artifact.meta.get("checkpoint") if ctx.artifact else None) or ""
+        path = Path(recorded) if Path(recorded).is_file() else ctx.artifact_dir / TOKENIZER_DIR / "last.ckpt"
+    else:
+        path = expand_path(value)
     if not path.is_file():
         raise FileNotFoundError(f"generator encoder_init={value!r}: {path} does not exist. Run the tokenizer stage "
                                 f"first (irgen.stage=tokenizer) or set irgen.generator.encoder_init=null")
@@ -325,9 +351,11 @@ def generator_stage(ctx: PipelineContext) -> dict[str, float]:
         if dm.split.val_is_test:
             log.warning("generator: no validation split (dataset.val_fraction=0): checkpoint selection by val/R@1 "
                         "sees the test set")
-        if last.is_file():
-            log.info(f"generator: resuming the interrupted stage from {last}")
-        trainer.fit(model, datamodule=dm, ckpt_path=str(last) if last.is_file() else None, weights_only=True)
+        resume = resume_checkpoint(gen_dir)
+        if resume:
+            log.info(f"generator: resuming the interrupted stage from {resume}")
+        fit_or_exit(trainer, f"{this_command()}   (the generator stage resumes from {gen_dir})", model,
+                    datamodule=dm, ckpt_path=resume, weights_only=True)
         metrics.update(logged_metrics(trainer, "val/", "train/"))
         best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         best = best_path or str(last)
@@ -373,7 +401,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise NotImplementedError(f"IRGen stage {stage!r} is not available in this version; run irgen.stage=tokenizer")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    ctx = PipelineContext(cfg, datamodule, Path(cfg.irgen.artifact_dir))
+    ctx = PipelineContext(cfg, datamodule, expand_path(cfg.irgen.artifact_dir))
     selected = [s for s in STAGE_ORDER if s in STAGES] if stage == "all" else [stage]
     if cfg.irgen.get("rebuild") and rank_zero_only.rank == 0:
         for name in selected:

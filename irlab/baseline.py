@@ -7,12 +7,16 @@ IRGen and AREIR results are only meaningful next to this row, trained on the sam
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from irlab.backbones import resnet_trunk
 from irlab.module import RetrievalModule
+from irlab.plain import to_plain
+from irlab.schedules import schedule_settings, trainer_scheduler
 
 
 class NormalizedSoftmaxLoss(nn.Module):
@@ -28,19 +32,25 @@ class NormalizedSoftmaxLoss(nn.Module):
         return F.cross_entropy(logits / self.temperature, labels)
 
 
+# cosine annealing over the epochs, stepped per epoch (conf/model/baseline.yaml)
+DEFAULT_SCHEDULE = {"name": "warmup_cosine", "warmup_fraction": 0.0, "min_lr_ratio": 0.0, "interval": "epoch"}
+
+
 class EmbeddingBaseline(RetrievalModule):
     def __init__(
         self,
         num_classes: int,
-        arch: str = "resnet18",
+        arch: str = "cnn_small",
         pretrained: bool | str = False,
         embedding_dim: int = 128,
         temperature: float = 0.05,
-        lr: float = 1e-3,
+        lr: float = 2e-3,
         trunk_lr_scale: float = 1.0,
         weight_decay: float = 1e-4,
+        schedule: Mapping | None = None,
     ) -> None:
         super().__init__()
+        schedule = schedule_settings(to_plain(schedule) or DEFAULT_SCHEDULE)
         self.save_hyperparameters()
         self.trunk, width = resnet_trunk(arch, pretrained)
         self.embedding = nn.Linear(width, embedding_dim)
@@ -61,6 +71,4 @@ class EmbeddingBaseline(RetrievalModule):
             {"params": list(self.embedding.parameters()) + list(self.loss.parameters()), "lr": hp.lr},
         ]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        max_epochs = max(1, self.trainer.max_epochs or 1)
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max_epochs)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": trainer_scheduler(self.trainer, optimizer, hp.schedule)}

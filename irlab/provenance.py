@@ -62,8 +62,12 @@ def git_state() -> dict[str, Any]:
 
 def config_hash(cfg: DictConfig) -> str:
     """sha256 of the resolved config without ``hydra`` and ``paths`` (where files go is not what was run)."""
-    keep = [k for k in cfg if k not in ("hydra", "paths")]
-    plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, keep), resolve=True)
+    plain = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    plain.pop("paths", None)
+    for node in plain.values():  # resolved paths inside other nodes (dataset.data_dir, irgen.artifact_dir)
+        if isinstance(node, dict):
+            for key in ("data_dir", "root", "artifact_dir", "default_root_dir"):
+                node.pop(key, None)
     return _sha(plain)
 
 

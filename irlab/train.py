@@ -17,11 +17,13 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.base import RetrievalDataModule
 from irlab.checkpoints import model_class_name, read_checkpoint
 from irlab.distributed import install_hydra_ddp_launch
+from irlab.paths import expand_path
 from irlab.provenance import run_provenance, start_clock
 from irlab.reporting import print_metrics, write_metrics
 
@@ -99,9 +101,41 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
                 f"(hydra.run.dir=<old run folder>) or pass ckpt_path=/path/to/{ckpt_path}.ckpt"
             )
         return str(candidate)
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(f"checkpoint not found: {ckpt_path}")
-    return str(ckpt_path)
+    path = expand_path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    return str(path)
+
+
+SIGTERM_EXIT = 143  # 128 + SIGTERM: what schedulers expect from a job that was terminated
+
+
+def this_command(*extra: str) -> str:
+    """The command line of this run (its overrides, minus ``ckpt_path`` and run folders) plus `extra`."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+        script = "eval.py" if hc.job.config_name == "eval" else "train.py"
+        kept = [o for o in hc.overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir=", "hydra.sweep."))]
+    except ValueError:  # no Hydra context (direct API use)
+        script, kept = "train.py", []
+    return " ".join(["python", script, *kept, *extra])
+
+
+def fit_or_exit(trainer: L.Trainer, resume: str, *args, **kwargs) -> None:
+    """``trainer.fit`` that turns SIGTERM into exit code 143 with the command that resumes, instead of a bare
+    traceback (or an exit code 0, when Lightning swallowed it), so that a scheduler records a failure and the
+    user knows what to type. Lightning has saved ``on_exception.ckpt`` by then."""
+    try:
+        trainer.fit(*args, **kwargs)
+    except SIGTERMException:
+        pass
+    else:
+        if not trainer.received_sigterm:
+            return
+    log.error(f"received SIGTERM: training stopped and its state was saved. Resume with:\n  {resume}")
+    raise SystemExit(SIGTERM_EXIT)
 
 
 def fit_and_test(cfg: DictConfig) -> dict[str, float]:
@@ -117,7 +151,8 @@ def fit_and_test(cfg: DictConfig) -> dict[str, float]:
         log.warning("no validation split (dataset.val_fraction=0): validation reports the TEST set, so "
                     "checkpoint selection sees test labels. Set dataset.val_fraction for honest model selection.")
 
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+    fit_or_exit(trainer, this_command("ckpt_path=on_exception", f"hydra.run.dir={output_dir}"), model,
+                datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
     metrics = logged_metrics(trainer, "val/", "train/")
 
     if cfg.get("test"):

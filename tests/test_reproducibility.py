@@ -6,7 +6,6 @@ import signal
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from irlab.train import run
 from tests.helpers import compose_config
@@ -66,14 +65,16 @@ class SendSigterm(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_saves_a_checkpoint_before_exit(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_143_with_the_resume_command(tmp_path, caplog):
     sigterm = [f"+callbacks.sigterm._target_={__name__}.SendSigterm"]
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        with pytest.raises(SIGTERMException):
+        with pytest.raises(SystemExit) as stopped:
             run(compose_config(SMALL + sigterm, output_dir=tmp_path))
     finally:
         signal.signal(signal.SIGTERM, previous)
+    assert stopped.value.code == 143  # a scheduler records a failure, not a success
+    assert f"ckpt_path=on_exception hydra.run.dir={tmp_path}" in caplog.text
     saved = torch.load(tmp_path / "checkpoints" / "on_exception.ckpt", weights_only=True)
     assert saved["epoch"] == 1 and saved["global_step"] == 4 + 2
     resumed = run(compose_config(SMALL + ["ckpt_path=on_exception"], output_dir=tmp_path))

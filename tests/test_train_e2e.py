@@ -15,7 +15,7 @@ FAST = ["debug=fast", "trainer.accelerator=cpu", "model.arch=resnet18", "dataset
 
 
 def test_baseline_fit_and_test_in_process(tmp_path):
-    cfg = compose_config(FAST + ["trainer.limit_val_batches=1.0", "trainer.limit_test_batches=1.0"],
+    cfg = compose_config(FAST + ["dataset=digits", "trainer.limit_val_batches=1.0", "trainer.limit_test_batches=1.0"],
                          output_dir=tmp_path)
     metrics = run(cfg)
     for key in ("val/R@1", "test/R@1", "test/MAP@R", "test/mAP"):
@@ -56,3 +56,14 @@ def test_cli_train_then_eval(tmp_path):
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     metrics = json.loads(Path(tmp_path / "eval" / "metrics.json").read_text())["metrics"]
     assert 0.0 < metrics["test/R@1"] <= 1.0
+
+
+def test_last_ckpt_is_the_final_epoch_and_the_selected_model_is_weights_only(tmp_path):
+    cfg = compose_config(FAST + ["dataset=digits", "trainer.max_epochs=3", "seed=3"], output_dir=tmp_path)
+    run(cfg)
+    folder = tmp_path / "checkpoints"
+    last = torch.load(folder / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and "optimizer_states" in last  # full state of the final epoch: resumable
+    (best,) = folder.glob("epoch_*.ckpt")
+    selected = torch.load(best, weights_only=True)
+    assert "optimizer_states" not in selected and "state_dict" in selected
