@@ -143,6 +143,7 @@ class RetrievalDataModule(L.LightningDataModule):
         max_per_class: int | None = None,
         val_fraction: float = 0.0,
         seed: int = 0,
+        split_seed: int = 0,
         skip_corrupt: bool = False,
     ) -> None:
         super().__init__()
@@ -158,6 +159,7 @@ class RetrievalDataModule(L.LightningDataModule):
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.max_per_class, self.val_fraction, self.seed = max_per_class, val_fraction, seed
+        self.split_seed = split_seed  # the validation carve: fixed across training seeds, so seeds are comparable
         self.records: list[ImageRecord] = []
         self.split: ProtocolSplit | None = None
 
@@ -181,7 +183,7 @@ class RetrievalDataModule(L.LightningDataModule):
             self.protocol,
             zero_shot_split=self.zero_shot_split,
             val_fraction=self.val_fraction,
-            seed=self.seed,
+            seed=self.split_seed,
         )
 
     @property

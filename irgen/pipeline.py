@@ -117,10 +117,18 @@ def load_identifiers(ctx: PipelineContext) -> IdentifierArtifact:
 
 
 # ---- trainers -------------------------------------------------------------------------------------------
+DEBUG_KEYS = ("max_epochs", "limit_train_batches", "limit_val_batches", "limit_test_batches", "num_sanity_val_steps")
+
+
 def stage_trainer_config(cfg: DictConfig, stage: str) -> DictConfig:
-    """`trainer` with ``irgen.stage_trainer.<stage>`` merged on top."""
+    """`trainer` with ``irgen.stage_trainer.<stage>`` merged on top; under ``debug=fast`` the debug limits win
+    over the stage's own epochs (a generator preset's 100 epochs must not run in a smoke test)."""
     overrides = (cfg.irgen.get("stage_trainer") or {}).get(stage) or {}
-    return OmegaConf.merge(cfg.trainer, overrides)
+    merged = OmegaConf.merge(cfg.trainer, overrides)
+    if cfg.get("debug_run"):
+        merged = OmegaConf.merge(merged, {k: cfg.trainer[k] for k in DEBUG_KEYS if k in cfg.trainer},
+                                 {"check_val_every_n_epoch": 1})
+    return merged
 
 
 def build_stage_trainer(cfg: DictConfig, stage: str, ckpt_dir: Path, monitor: str = "val/R@1") -> L.Trainer:
@@ -401,9 +409,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         raise NotImplementedError(f"IRGen stage {stage!r} is not available in this version; run irgen.stage=tokenizer")
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
-    ctx = PipelineContext(cfg, datamodule, expand_path(cfg.irgen.artifact_dir))
+    artifact_dir = expand_path(cfg.irgen.artifact_dir)
+    if cfg.get("debug_run"):  # a smoke test never leaves an artifact that a real run would meet
+        artifact_dir = artifact_dir.with_name(artifact_dir.name + "_debug")
+    ctx = PipelineContext(cfg, datamodule, artifact_dir)
     selected = [s for s in STAGE_ORDER if s in STAGES] if stage == "all" else [stage]
-    if cfg.irgen.get("rebuild") and rank_zero_only.rank == 0:
+    if (cfg.irgen.get("rebuild") or cfg.get("debug_run")) and rank_zero_only.rank == 0:
         for name in selected:
             log.warning(f"irgen.rebuild=true: removing the previous {name} outputs in {ctx.artifact_dir}")
             CLEARERS.get(name, lambda _: None)(ctx.artifact_dir)

@@ -21,7 +21,8 @@ from irlab.train import build_datamodule, build_model
 from tests.helpers import REPO, compose_config
 
 # 16 px digits and a capped k-means pass keep the whole CLI run to a few seconds of compute
-FAST = ["experiment=digits_irgen", "irgen.stage=tokenizer", "debug=fast", "trainer.accelerator=cpu",
+FAST = ["experiment=digits_irgen", "irgen.stage=tokenizer", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.accelerator=cpu",
         "dataset.image_size=16", "dataset.resize_size=16", "irgen.tokenizer.kmeans_max_points=256"]
 
 
@@ -156,3 +157,20 @@ def test_reference_recipe_trains_both_stages(tmp_path):
     metrics = run(cfg)
     for key in ("test/R@1", "test/rerank/R@1", "test/knn/R@1", "tokenizer/quantized_R@1"):
         assert 0 <= metrics[key] <= 1, key
+
+
+def test_debug_fast_limits_every_stage_and_leaves_no_real_artifact(tmp_path):
+    from irgen.pipeline import stage_trainer_config
+
+    cfg = compose_config(["experiment=isc_irgen", "debug=fast"], output_dir=tmp_path)
+    generator = stage_trainer_config(cfg, "generator")
+    assert generator.max_epochs == 1 and generator.limit_train_batches == 2  # not the preset's 100 epochs
+    cfg = compose_config(["experiment=digits_irgen", "debug=fast", "trainer.accelerator=cpu",
+                          "dataset.image_size=16", "dataset.resize_size=16", "irgen.tokenizer.kmeans_max_points=256",
+                          "irgen.generator.width=32", "irgen.generator.layers=1", "irgen.generator.heads=2"],
+                         output_dir=tmp_path)
+    metrics = run(cfg)
+    assert "test/R@1" in metrics
+    artifacts = tmp_path / "logs" / "irgen_artifacts"
+    assert sorted(p.name for p in artifacts.iterdir()) == ["digits_closed_set_debug"]
+    run(cfg)  # a second smoke test with the same folder rebuilds instead of refusing or reusing
