@@ -125,7 +125,8 @@ def test_readme_multirun_runs_as_written_in_a_fresh_folder(tmp_path):
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     rows = list(csv.DictReader((sweep / "leaderboard.csv").open()))
     assert [(r["seeds"], r["status"]) for r in rows] == [("2", "ok")]
-    assert rows[0]["row"].startswith("experiment=digits_baseline model.embedding_dim=32") and "seed" not in rows[0]["row"]
+    assert rows[0]["row"].startswith("experiment=digits_baseline model.embedding_dim=32")
+    assert "seed" not in rows[0]["row"]
     assert (sweep / "leaderboard.png").is_file() and "leaderboard" in proc.stdout
     provenance = json.loads((sweep / "0" / "metrics.json").read_text())["provenance"]
     assert provenance["seed"] == 1 and len(provenance["split_fingerprint"]) == 64
