@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from irlab.cli import require_plugins
 from irlab.train import run
 
 
@@ -16,4 +19,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    require_plugins(sys.argv[1:])
     main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from areir.module import AREIRModule
 from datamodules.base import RetrievalDataModule, open_rgb
+from irlab.paths import expand_path
 from irlab.train import build_datamodule
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,10 @@ def main(argv: list[str] | None = None) -> DemoResult:
     if model.meta_labels.shape[1] != dm.num_classes:
         log.warning(f"the checkpoint was trained on {model.meta_labels.shape[1]} classes but this dataset config has "
                     f"{dm.num_classes} training classes: is experiment=... the one used for training?")
-    output = options.get("output") or f"areir_demo_{Path(options['query']).stem or 'query'}.png"
+    # default: a run folder of its own under logs/, never the current directory
+    stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
+    output = options.get("output") or (expand_path(cfg.paths.log_dir) / "demo" / "runs" / stamp /
+                                       f"areir_demo_{Path(options['query']).stem or 'query'}.png")
     result = run_demo(model, dm, options["query"], int(options.get("top_k", 8)), output, device)
     for rank, (rid, score) in enumerate(zip(result.record_ids, result.scores, strict=True), 1):
         mark = "" if result.correct is None else ("  correct" if result.correct[rank - 1] else "  wrong")

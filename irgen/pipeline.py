@@ -42,6 +42,7 @@ from irlab.reporting import print_metrics, write_metrics
 from irlab.train import (
     build_datamodule,
     build_model,
+    check_accelerator,
     fit_or_exit,
     instantiate_group,
     log_hyperparameters,
@@ -152,7 +153,9 @@ def build_stage_trainer(cfg: DictConfig, stage: str, ckpt_dir: Path, monitor: st
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,
                                          enable_version_counter=False))
     loggers = instantiate_group(cfg.get("logger"), Logger)
-    return hydra.utils.instantiate(stage_trainer_config(cfg, stage), callbacks=callbacks, logger=loggers or False)
+    trainer_cfg = stage_trainer_config(cfg, stage)
+    check_accelerator(trainer_cfg)
+    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
 
 
 # ---- stage 1: tokenizer ---------------------------------------------------------------------------------

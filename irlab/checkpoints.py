@@ -44,6 +44,6 @@ def read_checkpoint(path: str | Path, expected_class: str | None = None, hint: s
                               f"pass a .ckpt written by train.py.{tail}")
     found = state.get(MODEL_KEY)
     if expected_class and found and found != expected_class:
-        raise CheckpointError(f"{path} is a {found} checkpoint, not a {expected_class} one: evaluate it with the "
+        raise CheckpointError(f"{path} was written by {found}, not by {expected_class}: evaluate it with the "
                               f"experiment that trained it (its run folder's .hydra/config.yaml).{tail}")
     return state

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,7 +64,15 @@ def build_model(model_cfg: DictConfig, datamodule: RetrievalDataModule, **runtim
     return hydra.utils.instantiate(model_cfg, **runtime)
 
 
+def check_accelerator(trainer_cfg: DictConfig) -> None:
+    """``trainer=gpu`` / ``ddp`` on a machine without a CUDA GPU: say which trainer to use instead."""
+    if str(trainer_cfg.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise RuntimeError("this trainer config needs a CUDA GPU, and none is visible here. Use trainer=default "
+                           "(picks what the machine has) or trainer=cpu; for DDP on CPU, trainer=ddp_cpu")
+
+
 def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
+    check_accelerator(cfg.trainer)
     install_hydra_ddp_launch()  # extra DDP ranks re-run this job, not the whole command line (sweeps)
     callbacks = instantiate_group(cfg.get("callbacks"), Callback)
     loggers = instantiate_group(cfg.get("logger"), Logger)
@@ -201,4 +210,9 @@ def run(cfg: DictConfig, action: str = "train") -> dict[str, float]:
     start_clock()
     if cfg.get("torch_threads"):
         torch.set_num_threads(int(cfg.torch_threads))
-    return hydra.utils.get_method(cfg.method[action])(cfg)
+    output_dir = cfg.paths.get("output_dir")
+    log.info(f"run folder: {output_dir}")
+    metrics = hydra.utils.get_method(cfg.method[action])(cfg)
+    if rank_zero_only.rank == 0:
+        print(f"run folder: {output_dir}", flush=True)  # metrics.json, checkpoints, figures
+    return metrics

@@ -176,7 +176,7 @@ def test_pipeline_generator_stage_trains_reuses_and_refuses_stale_outputs(tmp_pa
     tokenizer_ckpt = gen_dir.parent / "tokenizer" / "last.ckpt"
     for path, error, match in ((tmp_path / "missing.ckpt", FileNotFoundError, "not found"),
                                (not_torch, CheckpointError, "not a PyTorch checkpoint"),
-                               (tokenizer_ckpt, CheckpointError, "IRGenTokenizer checkpoint, not")):
+                               (tokenizer_ckpt, CheckpointError, "IRGenTokenizer, not by")):
         cfg = compose_config(eval_overrides + [f"ckpt_path={path}"], config_name="eval", output_dir=tmp_path / "f")
         with pytest.raises(error, match=match):
             run_app(cfg, "evaluate")

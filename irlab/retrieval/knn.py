@@ -19,6 +19,9 @@ import numpy as np
 
 from irlab.retrieval.metrics import as_numpy
 
+# faiss logs at INFO which optimised builds it could not load (avx512_spr, ...) before the one it uses
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+
 log = logging.getLogger(__name__)
 
 __all__ = ["knn_search", "topk_exact", "prepare_embeddings", "prepare_exclude"]
