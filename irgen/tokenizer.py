@@ -222,7 +222,20 @@ class IRGenTokenizer(RetrievalModule):
                                                 exclude=eval_set.self_exclusion(), ks=self.eval_ks, normalize=True)
         report = reports["quantized"]
         report.metrics = {**report.metrics, **{f"raw_{k}": v for k, v in reports["raw"].metrics.items()}}
+        if bool(self.quantizer.initialized):  # codebook usage for callbacks.identifier_stats (W&B histograms)
+            self.identifier_stats = self.code_usage(torch.from_numpy(embeddings[:, :dim]).to(self.device))
         return report
+
+    @torch.no_grad()
+    def code_usage(self, features: torch.Tensor) -> dict:
+        """{"usage": per level, images per code; "distinct_identifiers", "perplexity_l<d>"} of `features`."""
+        codes = self.quantizer.encode(features).cpu().numpy()
+        k = self.quantizer.num_codes
+        usage = [np.bincount(codes[:, d], minlength=k) for d in range(codes.shape[1])]
+        stats = {"usage": usage, "distinct_identifiers": float(len(np.unique(codes, axis=0)))}
+        for d in range(codes.shape[1]):
+            stats[f"perplexity_l{d}"] = perplexity(codes[:, d], k)
+        return stats
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -139,6 +139,12 @@ def test_training_steps_then_identifiers_are_deterministic(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(encoder_before, model.encoder.parameters(), strict=True))
     for key in ("val/R@1", "val/raw_R@1"):  # quantized (reported) and raw retrieval during training
         assert 0.0 <= float(trainer.callback_metrics[key]) <= 1.0
+    # codebook usage for the identifier-statistics callback (W&B histograms): one count per code and level
+    stats = model.identifier_stats
+    n_val = int(stats["usage"][0].sum())  # the images evaluated (a limited loader may see a subset)
+    assert 0 < n_val <= len(dm.eval_set("val"))
+    assert len(stats["usage"]) == 3 and all(u.shape == (8,) and u.sum() == n_val for u in stats["usage"])
+    assert 1 <= stats["distinct_identifiers"] <= n_val and 1 <= stats["perplexity_l0"] <= 8
 
     codes, feats = encode_records(model, dm)
     assert codes.shape == (len(dm.records), 3) and codes.dtype == torch.int64
