@@ -113,6 +113,7 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
     path = expand_path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    read_checkpoint(path)  # a text file or a plain state dict: a clear error now, not an unpickler's KeyError
     return str(path)
 
 

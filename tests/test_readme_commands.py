@@ -1,0 +1,81 @@
+"""Every command of the README's code blocks, as written, in a fresh folder with no path overrides.
+
+Commands that train get ``debug=fast`` appended (a couple of batches). Commands that cannot run here are
+skipped with the reason (a GPU, a dataset download, an optional extra, a placeholder path, the install and
+test commands themselves), so a new README line is either run or explicitly explained.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers import REPO
+
+BENCHMARKS = re.compile(r"experiment=(cub|car|sop|isc)_")
+
+
+def readme_commands() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def skip_reason(command: str) -> str | None:
+    if command.startswith("pip ") or "pytest" in command:
+        return "the install / test command itself (CI runs it)"
+    if re.search(r"trainer=(gpu|ddp)(\s|$)", command):
+        return "needs a CUDA GPU"
+    if BENCHMARKS.search(command):
+        return "needs the benchmark's download"
+    if "<" in command or "..." in command or "XXX" in command or "path/to" in command:
+        return "placeholder path"
+    if "hydra/launcher=slurm" in command and importlib.util.find_spec("hydra_plugins") is None:
+        return "the slurm extra is not installed"
+    if "hparams_search=" in command:
+        try:
+            importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper")
+        except ModuleNotFoundError:
+            return "the optuna extra is not installed"
+    return None
+
+
+COMMANDS = readme_commands()
+
+
+def test_readme_has_the_commands_this_test_is_about():
+    assert "python train.py" in [c.split("&&")[-1].strip() for c in COMMANDS]
+    assert any(c.startswith("python train.py -m") for c in COMMANDS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", COMMANDS)
+def test_readme_command_runs_as_written(command, tmp_path):
+    reason = skip_reason(command)
+    if reason:
+        pytest.skip(reason)
+    argv = shlex.split(command)
+    assert argv[0] == "python", command
+    script = argv[1]
+    args = argv[2:]
+    if script == "-m":
+        pytest.skip("module entry points are covered by their own tests")
+    if "debug=fast" not in args:
+        args.append("debug=fast")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IRLAB_")}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    proc = subprocess.run([sys.executable, str(REPO / script), *args], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, f"{command}\n{proc.stderr[-3000:]}"
+    assert "run folder:" in proc.stdout or "-m" in args, proc.stdout[-2000:]
