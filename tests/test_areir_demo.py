@@ -40,7 +40,7 @@ def frame_color(png: Path, tile: int) -> tuple[int, int, int]:
 
 def test_dataset_query_and_arbitrary_image(checkpoint: tuple[Path, Path]) -> None:
     ckpt, tmp = checkpoint
-    common = [f"ckpt_path={ckpt}", "top_k=4", f"paths.data_dir={tmp / 'data'}", "device=cpu"]
+    common = [f"ckpt_path={ckpt}", "top_k=4", "dataset=digits", f"paths.data_dir={tmp / 'data'}", "device=cpu"]
 
     # record 1005 is a "6": a zero-shot test image, so correctness is known and the query is excluded
     res = main(["query=digits://1005", f"output={tmp / 'ds.png'}", *common])
@@ -66,3 +66,12 @@ def test_bad_arguments(checkpoint: tuple[Path, Path], tmp_path: Path) -> None:
     ckpt, tmp = checkpoint
     with pytest.raises(FileNotFoundError, match="query image not found"):
         main([f"query={tmp_path / 'missing.jpg'}", f"ckpt_path={ckpt}", f"paths.data_dir={tmp / 'data'}"])
+
+
+def test_grid_goes_into_a_run_folder_not_the_current_directory(checkpoint, tmp_path, monkeypatch):
+    ckpt, tmp = checkpoint
+    monkeypatch.chdir(tmp_path)
+    res = main([f"ckpt_path={ckpt}", "top_k=2", "dataset=digits", f"paths.data_dir={tmp / 'data'}", "device=cpu",
+                "query=digits://1005"])
+    assert res.path.is_file() and res.path.parent.parent == tmp_path / "logs" / "demo" / "runs"
+    assert not list(tmp_path.glob("*.png"))

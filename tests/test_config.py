@@ -34,7 +34,8 @@ def _check_targets(cfg):
 
 def test_default_train_config_is_the_embedded_demo(tmp_path):
     cfg = _resolved(compose_config(output_dir=tmp_path))
-    assert cfg.dataset._target_ == "datamodules.digits.DigitsDataModule"
+    assert cfg.dataset._target_ == "datamodules.digit_pairs.DigitPairsDataModule"
+    assert cfg.model.arch == "cnn_small"
     assert cfg.protocol.name == "zero_shot"
     assert cfg.get("logger") is None
     _check_targets(cfg)

@@ -18,7 +18,8 @@ from irlab.distributed import child_command, ddp_env_snapshot, end_ddp_job
 from irlab.train import run
 from tests.helpers import REPO, compose_config
 
-EVAL = ["protocol=closed_set", "model.embedding_dim=32", "dataset.eval_batch_size=300", "split=test",
+EVAL = ["dataset=digits", "model.arch=resnet18", "protocol=closed_set", "model.embedding_dim=32",
+        "dataset.eval_batch_size=300", "split=test",
         "dataset.image_size=16", "dataset.resize_size=16"]  # 16 px: same code paths, a quarter of the compute
 
 
@@ -38,7 +39,7 @@ def checkpoint(tmp_path_factory):
 @pytest.mark.slow
 def test_two_process_ddp_metrics_equal_single_process(checkpoint, tmp_path):
     single = run(compose_config([*EVAL, "trainer=cpu", f"ckpt_path={checkpoint}"], config_name="eval",
-                                output_dir=tmp_path / "single"))
+                                output_dir=tmp_path / "single"), "evaluate")
     ddp_dir = tmp_path / "ddp"
     proc = subprocess.run(
         [sys.executable, "tests/scripts/ddp_eval.py", *EVAL, "trainer=ddp_cpu", f"ckpt_path={checkpoint}",
