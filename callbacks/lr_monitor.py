@@ -1,4 +1,4 @@
-"""Lightning's `LearningRateMonitor` that stands down, with one warning, when the run has no logger.
+"""Lightning's `LearningRateMonitor` that stands down quietly (one debug line) when the run has no logger.
 
 The stock callback raises in ``on_train_start`` without a logger, which would make ``logger=null`` runs (the
 default, tests, debugging) fail just because the callback list is shared. Everything else is unchanged.
@@ -6,9 +6,12 @@ default, tests, debugging) fail just because the callback list is shared. Everyt
 
 from __future__ import annotations
 
+import logging
+
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.utilities import rank_zero_warn
+
+log = logging.getLogger(__name__)
 
 
 class SafeLearningRateMonitor(LearningRateMonitor):
@@ -17,8 +20,8 @@ class SafeLearningRateMonitor(LearningRateMonitor):
     def on_train_start(self, trainer: L.Trainer, *args, **kwargs) -> None:
         self._disabled = not trainer.loggers
         if self._disabled:
-            rank_zero_warn("SafeLearningRateMonitor: no logger configured, learning rates are not logged "
-                           "(add e.g. logger=csv)")
+            # the default run has no logger on purpose: nothing is wrong, so no warning
+            log.debug("SafeLearningRateMonitor: no logger configured, learning rates are not logged (logger=csv)")
             return
         super().on_train_start(trainer, *args, **kwargs)
 

@@ -22,7 +22,8 @@ class PRCurvePlot(EvalResultCallback):
         if result.stage not in self.stages or not curve or len(curve.get("recall", ())) == 0:
             return
         title = f"{result.stage} precision-recall (step {trainer.global_step})"
-        path = plot_pr_curve(curve, figure_path(trainer, result.stage, "pr_curve"), title=title)
+        path = plot_pr_curve(curve, figure_path(trainer, result.stage, "pr_curve"), title=title,
+                             others=result.report.other_curves, label=result.report.curve_label)
         key = f"{result.stage}/pr_curve"
         log_image(trainer, f"{key}_image", path)
         for logger in trainer.loggers:

@@ -16,6 +16,9 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from irlab.backbones import RESNETS, build_torchvision, load_local_state_dict
 
+# the option that sets an IRGen encoder's weights, as users type it (both stages share the tokenizer's encoder)
+PRETRAINED_KEY = "irgen.tokenizer.encoder.pretrained"
+
 
 @dataclass(frozen=True)
 class ViTSpec:
@@ -51,7 +54,7 @@ class ViTEncoder(ImageEncoder):
         if image_size % spec.patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of {arch}'s patch size {spec.patch_size}")
         if pretrained and arch == "vit_b_16" and image_size == 224 and not isinstance(pretrained, str):
-            self.vit = build_torchvision("vit_b_16", True)
+            self.vit = build_torchvision("vit_b_16", True, config_key=PRETRAINED_KEY)
         else:
             self.vit = VisionTransformer(image_size, spec.patch_size, spec.num_layers, spec.num_heads,
                                          spec.hidden_dim, spec.mlp_dim)
@@ -90,7 +93,7 @@ class ResNetEncoder(ImageEncoder):
         super().__init__()
         if arch not in RESNETS:
             raise ValueError(f"unknown ResNet {arch!r}; choose one of {RESNETS}")
-        model = build_torchvision(arch, pretrained)
+        model = build_torchvision(arch, pretrained, config_key=PRETRAINED_KEY)
         self.dim = model.fc.in_features
         self.body = nn.Sequential(*list(model.children())[:-2])
 

@@ -62,9 +62,9 @@ def evaluate_generator(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg)
     stage = cfg.get("split", "test")
     if stage == "val":
-        trainer.validate(model, datamodule=datamodule)
+        trainer.validate(model, datamodule=datamodule, verbose=False)
     else:
-        trainer.test(model, datamodule=datamodule)
+        trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = logged_metrics(trainer, f"{stage}/")
     if trainer.is_global_zero:
         data = {**datamodule.describe(), "checkpoint": str(ckpt)}

@@ -287,6 +287,8 @@ class IRGenGenerator(RetrievalModule):
         report.metrics.update({f"rerank/{k}": v for k, v in reranked.metrics.items()})
         knn = super().rank_gallery(stage, embeddings, eval_set)
         report.metrics.update({f"knn/{k}": v for k, v in knn.metrics.items()})
+        report.other_curves = {RANKING_ROWS["rerank"]: reranked.pr_curve, RANKING_ROWS["knn"]: knn.pr_curve}
+        report.curve_label = RANKING_ROWS[""]
         if "exhaustive" in self._beams:
             all_leaves, all_scores = rank_identifiers(self._beams["exhaustive"][query_pos])
             exhaustive = evaluate(*expanded(all_leaves, all_scores, len(full.gallery_positions)), None)

@@ -375,7 +375,7 @@ def generator_stage(ctx: PipelineContext) -> dict[str, float]:
         trainer.strategy.barrier()
     if cfg.get("test", True):
         log.info(f"generator: testing {best}")
-        trainer.test(model, datamodule=dm, ckpt_path=best, weights_only=True)
+        trainer.test(model, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
         metrics.update(logged_metrics(trainer, "test/"))
     return metrics
 

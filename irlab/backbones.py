@@ -29,8 +29,11 @@ def load_local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def build_torchvision(arch: str, pretrained: bool | str = False, **kwargs) -> nn.Module:
-    """A torchvision classification model, randomly initialised or with weights from torchvision/a file."""
+def build_torchvision(arch: str, pretrained: bool | str = False, config_key: str = "model.pretrained",
+                      **kwargs) -> nn.Module:
+    """A torchvision classification model, randomly initialised or with weights from torchvision/a file.
+
+    ``config_key`` is the option as the user types it in that experiment, named by the download error."""
     if not hasattr(torchvision.models, arch):
         raise ValueError(f"unknown torchvision architecture {arch!r}")
     builder = getattr(torchvision.models, arch)
@@ -41,7 +44,7 @@ def build_torchvision(arch: str, pretrained: bool | str = False, **kwargs) -> nn
             raise RuntimeError(
                 f"could not download torchvision weights for {arch} ({exc}). Download them on a machine with "
                 f"network (torchvision.models.get_model_weights('{arch}').DEFAULT.url) and set "
-                f"model.pretrained=/path/to/file.pth"
+                f"{config_key}=/path/to/file.pth"
             ) from exc
     model = builder(weights=None, **kwargs)
     if pretrained:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import warnings
 from pathlib import Path
 
 import hydra
@@ -29,6 +30,10 @@ from irlab.provenance import run_provenance, start_clock
 from irlab.reporting import print_metrics, write_metrics
 
 log = logging.getLogger(__name__)
+# Lightning 2.6 says these on every fresh fit(ckpt_path=None): irlab chooses what to resume from explicitly
+# (ckpt_path=last / on_exception, IRGen stage folders), so for a fresh run they are wrong and only confuse
+warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was called without a model")
+warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint")
 
 
 def instantiate_group(group: DictConfig | None, kind: type) -> list:
@@ -169,7 +174,7 @@ def fit_and_test(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
             log.info(f"testing best checkpoint {best}")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True, verbose=False)
         metrics.update(logged_metrics(trainer, "test/"))
 
     if trainer.is_global_zero:
@@ -190,9 +195,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     trainer = build_trainer(cfg)
     stage = cfg.get("split", "test")
     if stage == "val":
-        trainer.validate(model, datamodule=datamodule)
+        trainer.validate(model, datamodule=datamodule, verbose=False)
     else:
-        trainer.test(model, datamodule=datamodule)
+        trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = logged_metrics(trainer, f"{stage}/")
     if trainer.is_global_zero:
         write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, datamodule.describe(),

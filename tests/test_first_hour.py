@@ -47,3 +47,22 @@ def test_wrong_checkpoint_files_say_what_they_are(tmp_path):
     torch.save({"state_dict": {}, "irlab_model": "areir.module.AREIRModule"}, other)
     with pytest.raises(CheckpointError, match="written by areir.module.AREIRModule, not by irlab.baseline"):
         read_checkpoint(other, expected_class="irlab.baseline.EmbeddingBaseline")
+
+
+def test_failed_weight_download_names_the_key_of_that_method(monkeypatch):
+    import torchvision
+
+    from irgen.encoders import build_encoder
+    from irlab.backbones import build_torchvision
+
+    def offline(*args, **kwargs):
+        if kwargs.get("weights"):
+            raise OSError("no network")
+        return real(*args, **kwargs)
+
+    real = torchvision.models.resnet18
+    monkeypatch.setattr(torchvision.models, "resnet18", offline)
+    with pytest.raises(RuntimeError, match=r"set irgen\.tokenizer\.encoder\.pretrained=/path/to/file\.pth"):
+        build_encoder("resnet18", 32, True)
+    with pytest.raises(RuntimeError, match=r"set model\.pretrained=/path/to/file\.pth"):
+        build_torchvision("resnet18", True)

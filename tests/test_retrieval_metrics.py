@@ -368,3 +368,15 @@ def test_plots_write_png(tmp_path):
     assert grid.stat().st_size > 1000 and grid.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError):
         plot_retrieval_grid([img()], [[img()]], [[True, False]], [[0.1]], tmp_path / "bad.png")
+
+
+def test_pr_curve_area_and_several_rankings_on_one_plot(tmp_path):
+    from irlab.retrieval.plots import curve_area
+
+    # two relevant items found at ranks 1 and 3 of 4 relevant: steps of 1/4 recall at precision 1 and 2/3
+    recall, precision = np.array([0.25, 0.25, 0.5]), np.array([1.0, 0.5, 2 / 3])
+    assert curve_area(recall, precision) == pytest.approx(0.25 * 1.0 + 0.25 * 2 / 3)
+    truncated = {"recall": recall, "precision": precision}
+    full = {"recall": np.array([0.5, 1.0]), "precision": np.array([1.0, 1.0])}
+    path = plot_pr_curve(truncated, tmp_path / "pr.png", others={"knn": full}, label="generative")
+    assert path.is_file() and path.stat().st_size > 0

@@ -67,6 +67,9 @@ class RetrievalReport:
     neighbors: np.ndarray
     scores: np.ndarray
     pr_curve: dict[str, np.ndarray] = field(default_factory=dict)
+    # other rankings of the same queries (IRGen: "rerank", "knn"), drawn on the same PR plot
+    other_curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    curve_label: str = "model"  # the legend entry of `pr_curve` next to `other_curves`
 
 
 def _relevant_table(qc: np.ndarray, gc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -29,20 +29,41 @@ def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
     return path
 
 
-def plot_pr_curve(pr_curve: dict[str, Any], path: str | Path, title: str = "") -> Path:
-    """Precision (y) against recall (x) from ``RetrievalReport.pr_curve``; one marker per rank."""
-    recall = as_numpy(pr_curve["recall"], np.float64).reshape(-1)
-    precision = as_numpy(pr_curve["precision"], np.float64).reshape(-1)
-    if recall.shape != precision.shape:
-        raise ValueError(f"recall {recall.shape} and precision {precision.shape} differ in length")
-    fig = Figure(figsize=(4.5, 4.0))
+def curve_area(recall: np.ndarray, precision: np.ndarray) -> float:
+    """Area under a micro-averaged PR curve from recall 0 (step interpolation: precision at each rank times the
+    recall it adds) -- AP over the ranks the curve reaches, so a curve that stops early has a smaller area."""
+    keep = np.isfinite(recall) & np.isfinite(precision)
+    r, p = recall[keep], precision[keep]
+    return float(np.sum(np.diff(np.concatenate([[0.0], r])) * p)) if len(r) else float("nan")
+
+
+def plot_pr_curve(pr_curve: dict[str, Any], path: str | Path, title: str = "",
+                  others: dict[str, dict[str, Any]] | None = None, label: str = "model") -> Path:
+    """Precision (y) against recall (x) from ``RetrievalReport.pr_curve``, one marker per rank, with the area
+    under each curve in the legend; ``others`` (name -> curve) are drawn on the same axes (IRGen's rerank and
+    kNN rows). A curve that stops before recall 1 (a truncated ranking) is marked and said in a note."""
+    curves = {label: pr_curve, **(others or {})}
+    fig = Figure(figsize=(5.0, 4.2))
     ax = fig.add_subplot()
-    ax.plot(recall, precision, marker="o", markersize=3, linewidth=1.5)
-    ax.set_xlabel("recall")
+    notes = []
+    for name, curve in curves.items():
+        recall = as_numpy(curve["recall"], np.float64).reshape(-1)
+        precision = as_numpy(curve["precision"], np.float64).reshape(-1)
+        if recall.shape != precision.shape:
+            raise ValueError(f"recall {recall.shape} and precision {precision.shape} differ in length")
+        area = curve_area(recall, precision)
+        line, = ax.plot(recall, precision, marker="o", markersize=3, linewidth=1.5,
+                        label=f"{name} (area {area:.3f})")
+        reached = float(np.nanmax(recall)) if len(recall) else 0.0
+        if reached < 0.999:
+            ax.axvline(reached, color=line.get_color(), linestyle=":", linewidth=1)
+            notes.append(f"{name}: ranking ends at recall {reached:.2f} ({len(recall)} ranks)")
+    ax.set_xlabel("recall" + ("\n" + "; ".join(notes) if notes else ""), fontsize=9)
     ax.set_ylabel("precision")
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(0.0, 1.02)
     ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
     if title:
         ax.set_title(title)
     fig.tight_layout()
