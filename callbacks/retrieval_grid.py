@@ -66,6 +66,7 @@ class RetrievalGrid(EvalResultCallback):
             [r.correct.tolist() for r in rows],
             [r.scores.tolist() for r in rows],
             figure_path(trainer, result.stage, "retrieval_grid"),
+            score_name=result.report.score_name,
         )
         log_image(trainer, f"{result.stage}/retrieval_grid", path, caption="green: same class, red: other class")
 

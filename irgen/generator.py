@@ -289,6 +289,7 @@ class IRGenGenerator(RetrievalModule):
         report.metrics.update({f"knn/{k}": v for k, v in knn.metrics.items()})
         report.other_curves = {RANKING_ROWS["rerank"]: reranked.pr_curve, RANKING_ROWS["knn"]: knn.pr_curve}
         report.curve_label = RANKING_ROWS[""]
+        report.score_name = "log-probability of the image's identifier (beam search)"
         if "exhaustive" in self._beams:
             all_leaves, all_scores = rank_identifiers(self._beams["exhaustive"][query_pos])
             exhaustive = evaluate(*expanded(all_leaves, all_scores, len(full.gallery_positions)), None)

@@ -70,6 +70,7 @@ class RetrievalReport:
     # other rankings of the same queries (IRGen: "rerank", "knn"), drawn on the same PR plot
     other_curves: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     curve_label: str = "model"  # the legend entry of `pr_curve` next to `other_curves`
+    score_name: str = "cosine similarity"  # what `scores` are (retrieval grids label them)
 
 
 def _relevant_table(qc: np.ndarray, gc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

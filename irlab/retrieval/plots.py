@@ -89,9 +89,11 @@ def plot_retrieval_grid(
     path: str | Path,
     *,
     thumb_inches: float = 1.3,
+    score_name: str = "score",
 ) -> Path:
     """One PNG, a row per query: the query, then its top-K neighbours framed green (correct) or red (wrong)
-    with the score above each. Rows may have different K (shorter rows are left blank)."""
+    with the score above each (what it is, ``score_name``, is said on top). Rows may have different K (shorter
+    rows are left blank)."""
     n_rows = len(query_images)
     if not (len(neighbor_images) == len(correct) == len(scores) == n_rows):
         raise ValueError("query_images, neighbor_images, correct and scores need one entry per query")
@@ -121,5 +123,6 @@ def plot_retrieval_grid(
             for spine in ax.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(3 if c else 1.5)
+    fig.suptitle(f"number above each image: {score_name}; green = same class, red = other class", fontsize=8)
     fig.tight_layout(pad=0.3)
     return _save(fig, path, dpi=100)
