@@ -17,9 +17,7 @@ from omegaconf import DictConfig
 
 from irgen.generator import RANKING_ROWS, IRGenGenerator
 from irlab.checkpoints import CheckpointError, model_class_name, read_checkpoint
-from irlab.provenance import run_provenance
-from irlab.reporting import print_metrics, write_metrics
-from irlab.train import build_datamodule, build_trainer, logged_metrics, resolve_ckpt_path
+from irlab.train import build_datamodule, evaluate_model, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +57,4 @@ def evaluate_generator(cfg: DictConfig) -> dict[str, float]:
         raise CheckpointError(f"{ckpt} holds identifiers for {model.codes.shape[0]} images but {datamodule.name} "
                               f"has {len(datamodule.records)}: it was trained on another dataset; pass the "
                               f"matching experiment= / dataset= overrides")
-    trainer = build_trainer(cfg)
-    stage = cfg.get("split", "test")
-    if stage == "val":
-        trainer.validate(model, datamodule=datamodule, verbose=False)
-    else:
-        trainer.test(model, datamodule=datamodule, verbose=False)
-    metrics = logged_metrics(trainer, f"{stage}/")
-    if trainer.is_global_zero:
-        data = {**datamodule.describe(), "checkpoint": str(ckpt)}
-        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, data, RANKING_ROWS,
-                      provenance=run_provenance(cfg, datamodule))
-        print_metrics(metrics, title=f"eval {Path(ckpt).name}: {datamodule.name} / {datamodule.protocol}",
-                      row_names=RANKING_ROWS)
-    return metrics
+    return evaluate_model(cfg, model, datamodule, ckpt, RANKING_ROWS)

@@ -192,6 +192,13 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
     model = build_model(cfg.model, datamodule)
     state = read_checkpoint(ckpt, expected_class=model_class_name(model))
     model.load_state_dict(state["state_dict"])
+    return evaluate_model(cfg, model, datamodule, ckpt)
+
+
+def evaluate_model(cfg: DictConfig, model: L.LightningModule, datamodule: RetrievalDataModule, ckpt: str,
+                   row_names: dict[str, str] | None = None) -> dict[str, float]:
+    """Evaluate a loaded model on ``split`` (test by default), write ``metrics.json`` and print the table: the
+    part every method's evaluate function shares."""
     trainer = build_trainer(cfg)
     stage = cfg.get("split", "test")
     if stage == "val":
@@ -200,9 +207,11 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
         trainer.test(model, datamodule=datamodule, verbose=False)
     metrics = logged_metrics(trainer, f"{stage}/")
     if trainer.is_global_zero:
-        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, datamodule.describe(),
+        data = {**datamodule.describe(), "checkpoint": str(ckpt)}
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, data, row_names,
                       provenance=run_provenance(cfg, datamodule))
-        print_metrics(metrics, title=f"eval {Path(ckpt).name}: {datamodule.name} / {datamodule.protocol}")
+        print_metrics(metrics, title=f"eval {Path(ckpt).name}: {datamodule.name} / {datamodule.protocol}",
+                      row_names=row_names)
     return metrics
 
 
