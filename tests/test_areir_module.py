@@ -118,7 +118,7 @@ def test_train_app_digits_areir_fast(tmp_path: Path) -> None:
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "test/R@1" in result.stdout
+    assert "test R@1 =" in result.stdout  # the one metrics table irlab prints (Lightning's is off)
     assert (tmp_path / "metrics.json").is_file() and list((tmp_path / "checkpoints").glob("*.ckpt"))
 
 
