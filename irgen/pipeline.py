@@ -35,6 +35,7 @@ from irgen.artifact import IdentifierArtifact, StaleArtifactError, dataset_finge
 from irgen.generator import RANKING_ROWS
 from irgen.identifier_stats import identifier_stats, quantized_retrieval
 from irgen.kmeans import effective_num_codes
+from irlab.checkpoints import read_checkpoint
 from irlab.paths import expand_path
 from irlab.plain import to_plain
 from irlab.provenance import run_provenance
@@ -235,8 +236,7 @@ def select_checkpoint(trainer: L.Trainer, last: Path) -> tuple[Path | None, str]
 def load_weights(model: L.LightningModule, path: Path | None) -> None:
     """Load a Lightning checkpoint's weights (buffers included: codebooks, identifiers) safely into `model`."""
     if path is not None:
-        state = torch.load(path, map_location=model.device, weights_only=True)
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(read_checkpoint(path)["state_dict"])
 
 
 def _check_resumable(tok_dir: Path, expected: dict[str, Any], hint: str) -> None:
@@ -368,8 +368,8 @@ def generator_stage(ctx: PipelineContext) -> dict[str, float]:
         fit_or_exit(trainer, f"{this_command()}   (the generator stage resumes from {gen_dir})", model,
                     datamodule=dm, ckpt_path=resume, weights_only=True)
         metrics.update(logged_metrics(trainer, "val/", "train/"))
-        best_path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        best = best_path or str(last)
+        selected, _ = select_checkpoint(trainer, last)
+        best = str(selected or last)
         if trainer.is_global_zero:
             done.write_text(json.dumps({"checkpoint": best, "metrics": metrics}, indent=2, sort_keys=True))
         trainer.strategy.barrier()
@@ -418,8 +418,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     ctx = PipelineContext(cfg, datamodule, artifact_dir)
     selected = [s for s in STAGE_ORDER if s in STAGES] if stage == "all" else [stage]
     if (cfg.irgen.get("rebuild") or cfg.get("debug_run")) and rank_zero_only.rank == 0:
+        why = "irgen.rebuild=true" if cfg.irgen.get("rebuild") else "debug=fast (smoke tests always rebuild)"
         for name in selected:
-            log.warning(f"irgen.rebuild=true: removing the previous {name} outputs in {ctx.artifact_dir}")
+            log.warning(f"{why}: removing the previous {name} outputs in {ctx.artifact_dir}")
             CLEARERS.get(name, lambda _: None)(ctx.artifact_dir)
     for skipped in (s for s in STAGE_ORDER if stage == "all" and s not in STAGES):
         log.warning(f"IRGen stage {skipped!r} is not implemented yet: skipped")

@@ -31,7 +31,7 @@ from irlab.baseline import NormalizedSoftmaxLoss
 from irlab.module import RetrievalModule
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
-from irlab.schedules import schedule_settings, trainer_scheduler
+from irlab.schedules import COSINE_PER_EPOCH, schedule_settings, trainer_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ UPDATES = ("refit", "ema")
 DEFAULT_LOSS = {"raw": 1.0, "partial": 1.0, "commit": 0.25}
 LOSS_FORMS = ("irlab", "reference")
 HEADS = ("cosine_shared", "linear_separate")
-# CosineAnnealingLR(T_max=max_epochs), stepped per epoch: irlab's default (conf/model/irgen_tokenizer.yaml)
-DEFAULT_SCHEDULE = {"name": "warmup_cosine", "warmup_fraction": 0.0, "min_lr_ratio": 0.0, "interval": "epoch"}
+DEFAULT_SCHEDULE = COSINE_PER_EPOCH  # conf/model/*.yaml says the same
 
 
 class LinearSoftmaxLoss(nn.Module):
@@ -228,14 +227,11 @@ class IRGenTokenizer(RetrievalModule):
 
     @torch.no_grad()
     def code_usage(self, features: torch.Tensor) -> dict:
-        """{"usage": per level, images per code; "distinct_identifiers", "perplexity_l<d>"} of `features`."""
+        """{"usage": per level, images per code; "distinct_identifiers"} of `features` (the callback derives
+        used fractions and perplexities from the counts: `callbacks.identifier_stats.usage_summary`)."""
         codes = self.quantizer.encode(features).cpu().numpy()
-        k = self.quantizer.num_codes
-        usage = [np.bincount(codes[:, d], minlength=k) for d in range(codes.shape[1])]
-        stats = {"usage": usage, "distinct_identifiers": float(len(np.unique(codes, axis=0)))}
-        for d in range(codes.shape[1]):
-            stats[f"perplexity_l{d}"] = perplexity(codes[:, d], k)
-        return stats
+        usage = [np.bincount(codes[:, d], minlength=self.quantizer.num_codes) for d in range(codes.shape[1])]
+        return {"usage": usage, "distinct_identifiers": float(len(np.unique(codes, axis=0)))}
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -16,7 +16,7 @@ from torch import nn
 from irlab.backbones import resnet_trunk
 from irlab.module import RetrievalModule
 from irlab.plain import to_plain
-from irlab.schedules import schedule_settings, trainer_scheduler
+from irlab.schedules import COSINE_PER_EPOCH, schedule_settings, trainer_scheduler
 
 
 class NormalizedSoftmaxLoss(nn.Module):
@@ -32,8 +32,7 @@ class NormalizedSoftmaxLoss(nn.Module):
         return F.cross_entropy(logits / self.temperature, labels)
 
 
-# cosine annealing over the epochs, stepped per epoch (conf/model/baseline.yaml)
-DEFAULT_SCHEDULE = {"name": "warmup_cosine", "warmup_fraction": 0.0, "min_lr_ratio": 0.0, "interval": "epoch"}
+DEFAULT_SCHEDULE = COSINE_PER_EPOCH  # conf/model/*.yaml says the same
 
 
 class EmbeddingBaseline(RetrievalModule):

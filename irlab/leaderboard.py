@@ -26,11 +26,11 @@ _METRIC = re.compile(r"^(R@1|P@\d+|MAP@R)$")
 
 
 def group_by_seed(jobs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """Jobs keyed by their overrides without the seed (``"key=value ..."``, ``"default"`` when none)."""
+    """Jobs (as `irlab.sweep.summarize` returns them, with ``params``) keyed by their overrides without the
+    seed (``"key=value ..."``, ``"default"`` when none)."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for job in jobs:
-        params = job.get("params") or dict(o.partition("=")[::2] for o in job["overrides"])
-        key = " ".join(f"{k}={v}" for k, v in params.items() if k not in SEED_KEYS) or "default"
+        key = " ".join(f"{k}={v}" for k, v in job["params"].items() if k not in SEED_KEYS) or "default"
         groups.setdefault(key, []).append(job)
     return groups
 

@@ -29,6 +29,15 @@ def _headline_order(name: str) -> tuple[int, int]:
     return group, int(digits[0]) if digits else 0
 
 
+def _row_metric(key: str) -> tuple[str, str, str] | None:
+    """``test/knn/R@1`` -> ("test", "knn", "R@1"), ``val/R@1`` -> ("val", "", "R@1"); None for anything that
+    is not a ranking metric of an evaluation row."""
+    parts = key.split("/")
+    if parts[0] not in STAGES or len(parts) not in (2, 3) or not _HEADLINE.match(parts[-1]):
+        return None
+    return parts[0], parts[1] if len(parts) == 3 else "", parts[-1]
+
+
 def metric_rows(metrics: Mapping[str, float], row_names: Mapping[str, str] | None = None
                 ) -> dict[str, dict[str, dict[str, float]]]:
     """``{stage: {row label: {metric: value}}}`` for the headline metrics of every ranking row.
@@ -39,11 +48,11 @@ def metric_rows(metrics: Mapping[str, float], row_names: Mapping[str, str] | Non
     names = {"": "model", **(row_names or {})}
     rows: dict[str, dict[str, dict[str, float]]] = {}
     for key, value in metrics.items():
-        parts = key.split("/")
-        if parts[0] not in STAGES or len(parts) not in (2, 3) or not _HEADLINE.match(parts[-1]):
+        parsed = _row_metric(key)
+        if parsed is None:
             continue
-        row = parts[1] if len(parts) == 3 else ""
-        rows.setdefault(parts[0], {}).setdefault(names.get(row, row), {})[parts[-1]] = float(value)
+        stage, row, name = parsed
+        rows.setdefault(stage, {}).setdefault(names.get(row, row), {})[name] = float(value)
     order = {label: i for i, label in enumerate(names.values())}
     return {stage: {label: dict(sorted(m.items(), key=lambda kv: _headline_order(kv[0])))
                     for label, m in sorted(rows[stage].items(), key=lambda kv: order.get(kv[0], len(order)))}
@@ -69,7 +78,6 @@ def print_metrics(metrics: dict[str, float], title: str, row_names: Mapping[str,
     """The ranking rows side by side (one column each), then every other metric, then greppable headlines."""
     console = Console()
     rows = metric_rows(metrics, row_names)
-    shown = set()
     for stage, by_row in rows.items():  # one column per ranking row: a few columns fit any terminal
         names = sorted({name for m in by_row.values() for name in m}, key=_headline_order)
         table = Table(title=f"{title} -- {stage}")
@@ -79,9 +87,7 @@ def print_metrics(metrics: dict[str, float], title: str, row_names: Mapping[str,
         for name in names:
             table.add_row(name, *(f"{m[name]:.4f}" if name in m else "-" for m in by_row.values()))
         console.print(table)
-        shown |= {k for k in metrics if k.split("/")[0] == stage and _HEADLINE.match(k.split("/")[-1])
-                  and len(k.split("/")) in (2, 3)}
-    others = sorted(k for k in metrics if k not in shown)
+    others = sorted(k for k in metrics if _row_metric(k) is None)
     if others:
         table = Table(title=f"{title} -- other metrics")
         table.add_column("metric")

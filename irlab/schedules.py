@@ -20,6 +20,8 @@ from typing import Any
 import torch
 
 SCHEDULES = ("warmup_cosine", "cosine_restarts")
+# CosineAnnealingLR(T_max=max_epochs), stepped per epoch: the baseline's and the IRGen tokenizer's default
+COSINE_PER_EPOCH = {"name": "warmup_cosine", "warmup_fraction": 0.0, "min_lr_ratio": 0.0, "interval": "epoch"}
 _KEYS = {
     "warmup_cosine": {"warmup_fraction": 0.0, "min_lr_ratio": 0.0, "interval": "step"},
     "cosine_restarts": {"t_initial": 100.0, "lr_min": 0.0, "warmup_t": 0.0, "warmup_lr_init": 0.0,

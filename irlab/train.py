@@ -118,7 +118,6 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
     path = expand_path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    read_checkpoint(path)  # a text file or a plain state dict: a clear error now, not an unpickler's KeyError
     return str(path)
 
 
@@ -166,8 +165,11 @@ def fit_and_test(cfg: DictConfig) -> dict[str, float]:
         log.warning("no validation split (dataset.val_fraction=0): validation reports the TEST set, so "
                     "checkpoint selection sees test labels. Set dataset.val_fraction for honest model selection.")
 
+    resume = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    if resume:  # a text file or a plain state dict: a clear error now, not an unpickler's KeyError in Lightning
+        read_checkpoint(resume)
     fit_or_exit(trainer, this_command("ckpt_path=on_exception", f"hydra.run.dir={output_dir}"), model,
-                datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
+                datamodule=datamodule, ckpt_path=resume)
     metrics = logged_metrics(trainer, "val/", "train/")
 
     if cfg.get("test"):
