@@ -28,12 +28,14 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from irlab.backbones import build_torchvision
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "resnet_small")
+SMALL_WIDTHS = (32, 64, 128, 256)  # resnet_small: layer1-4 widths (torchvision's resnet18: 64, 128, 256, 512)
 MEMBER_IMPLS = ("loop", "grouped", "vmap")
 AUTO_IMPL = {"cuda": "grouped"}  # `auto`: grouped on GPU, the loop elsewhere (measured fastest on CPU)
 
@@ -132,15 +134,22 @@ class EnsembleLinear(nn.Module):
 
 
 class EnsembleMembers(nn.Module):
-    """layer2 (+SE), layer3, layer4, global average pooling and the meta-class classifier of all E members."""
+    """layer2 (+SE), layer3, layer4, pooling and the meta-class classifier of all E members.
 
-    def __init__(self, template: nn.Module, members: int, meta_classes: int, with_se: bool) -> None:
+    ``pool_grid`` g: layer4's map is average-pooled to g x g cells, flattened (channels, then cells) into the
+    classifier. 1 is the reference's global average pooling; 2 keeps where things are (the embedded benchmark's
+    "12" and "21" differ only in where each digit is, which a global average cannot tell)."""
+
+    def __init__(self, template: nn.Module, members: int, meta_classes: int, with_se: bool,
+                 pool_grid: int = 1) -> None:
         super().__init__()
-        self.members = members
+        if pool_grid < 1:
+            raise ValueError(f"model.pool_grid must be >= 1, got {pool_grid}")
+        self.members, self.pool_grid = members, pool_grid
         for name in ("layer2", "layer3", "layer4"):
             setattr(self, name, nn.ModuleList(EnsembleBlock(b, members) for b in getattr(template, name)))
         self.se = EnsembleSE(_out_channels(template.layer2), members) if with_se else None
-        self.fc = EnsembleLinear(template.fc.in_features, meta_classes, members)
+        self.fc = EnsembleLinear(template.fc.in_features * pool_grid**2, meta_classes, members)
 
     def blocks(self) -> Iterator[tuple[str, nn.Module]]:
         """The residual blocks and the SE gate in forward order (units of activation checkpointing)."""
@@ -157,7 +166,12 @@ class EnsembleMembers(nn.Module):
         with one member's tensors): stem features -> that member's logits [B, M]."""
         for _, block in self.blocks():
             x = checkpoint_once(self, block, x, stacked) if ckpt else block(x, stacked)
-        return self.fc(x.mean((2, 3)), stacked)
+        if self.pool_grid == 1:
+            return self.fc(x.mean((2, 3)), stacked)
+        cells = F.adaptive_avg_pool2d(x, self.pool_grid)  # [B, (E*)C, g, g]
+        if stacked:  # member-major channels: [B, E, C*g*g], flattened per member as in the single-member path
+            cells = cells.reshape(len(cells), self.members, -1)
+        return self.fc(cells.flatten(1), stacked)
 
 
 def _out_channels(layer: nn.Sequential) -> int:
@@ -194,9 +208,35 @@ def checkpoint_once(owner: nn.Module, fn, *args):
     return checkpoint(run, *args, use_reentrant=False)
 
 
+def resnet_small() -> nn.Module:
+    """A torchvision ResNet of one BasicBlock per layer, widths 32-256, with a 3x3 stride-1 stem: the embedded
+    benchmark's 32 px member template (random init only).
+
+    Why: at 32 px resnet18's 7x7 stride-2 stem and four strides leave layer4 a 1x1 map (features that do not
+    transfer, see `irlab.backbones.small_cnn_trunk`), and E full resnet18 branches cost ~10x the baseline's trunk
+    per image on CPU; this one keeps layer2-4 at 8, 4 and 2 px and one member costs about a quarter of it.
+    """
+    model = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
+    model.inplanes = SMALL_WIDTHS[0]
+    model.conv1 = nn.Conv2d(3, SMALL_WIDTHS[0], 3, 1, 1, bias=False)
+    model.bn1 = nn.BatchNorm2d(SMALL_WIDTHS[0])
+    for i, width in enumerate(SMALL_WIDTHS):
+        setattr(model, f"layer{i + 1}", model._make_layer(torchvision.models.resnet.BasicBlock, width, 1,
+                                                          stride=1 if i == 0 else 2))
+    model.fc = nn.Linear(SMALL_WIDTHS[-1], 1000)
+    for m in model.modules():  # torchvision's ResNet initialisation for the replaced layers
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    return model
+
+
 def build_template(arch: str, pretrained: bool | str = False) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
+    if arch == "resnet_small":
+        if pretrained:
+            raise ValueError("resnet_small has no pretrained weights: set model.pretrained=false")
+        return resnet_small()
     return build_torchvision(arch, pretrained)
 
 
@@ -213,6 +253,7 @@ class AREIRNet(nn.Module):
         member_impl: str = "auto",
         random_weighting: bool = False,
         checkpoint_members: bool = False,
+        pool_grid: int = 1,
     ) -> None:
         super().__init__()
         if member_impl not in (*MEMBER_IMPLS, "auto"):
@@ -227,7 +268,7 @@ class AREIRNet(nn.Module):
         template = build_template(arch, pretrained)
         self.stem = nn.Sequential(template.conv1, template.bn1, template.relu, template.maxpool, template.layer1)
         self.stem_channels = _out_channels(template.layer1)
-        self.members = EnsembleMembers(template, members, meta_classes, with_se)
+        self.members = EnsembleMembers(template, members, meta_classes, with_se, pool_grid)
         self.init_members(arch, pretrained, template)
 
     # ---- initialisation ---------------------------------------------------------------------------------
@@ -239,7 +280,7 @@ class AREIRNet(nn.Module):
             return
         tensors = dict(self.members.named_parameters()) | dict(self.members.named_buffers())
         for e in range(self.num_members):
-            source = template if (e == 0 or pretrained) else build_torchvision(arch, False)
+            source = template if (e == 0 or pretrained) else build_template(arch, False)
             state = source.state_dict()
             for name, t in tensors.items():
                 if name.startswith(("layer2", "layer3", "layer4")) and not name.endswith("num_batches_tracked"):

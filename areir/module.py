@@ -35,6 +35,7 @@ class AREIRModule(RetrievalModule):
         member_impl: str = "auto",
         random_weighting: bool = False,
         checkpoint_members: bool = False,
+        pool_grid: int = 1,
         channels_last: bool = False,
         lr: float = 1e-4,
         weight_decay: float = 0.0,
@@ -53,7 +54,7 @@ class AREIRModule(RetrievalModule):
         self.register_buffer("meta_labels", torch.as_tensor(labels, dtype=torch.long))
         self._register_load_state_dict_pre_hook(self._check_loaded_assignment)
         self.net = AREIRNet(arch, members, meta_classes, with_se, pretrained, member_impl, random_weighting,
-                            checkpoint_members)
+                            checkpoint_members, pool_grid)
         self.log_assignment("seeded")
         log.info(f"AREIR {arch}{'+SE' if with_se else ''} E={members} M={meta_classes} impl={member_impl}: "
                  f"{count_parameters(self.net):,} parameters")

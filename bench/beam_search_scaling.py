@@ -6,13 +6,18 @@
 Synthetic and timing-only: uniformly random identifiers (D x K), a randomly initialised decoder, random encoder
 tokens as memory, random d=768 features for faiss ``IndexFlatIP`` (exact inner product). Beam search must stay
 flat as the database grows (the trie is a per-level transition table: one gather per step, whatever the size);
-exact kNN grows linearly. Trie construction is reported separately (a one-off per database). Each timing is the
-fastest of ``--repeats`` runs after one warm-up run.
+exact kNN grows linearly. Trie construction is reported separately (a one-off per database).
+
+Timing on a shared machine varies several-fold within minutes, so the sizes are interleaved (round r times every
+size once, after one warm-up round), each timing is reported as min and median over ``--repeats`` rounds, and the
+load average is printed before and after, flagged when other work competes for the cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,15 +32,19 @@ from irgen.decoder import DecoderConfig, IdentifierDecoder  # noqa: E402
 from irgen.trie import IdentifierTrie  # noqa: E402
 
 
-def best_seconds(repeats: int, fn, *args, **kwargs) -> float:
-    """Fastest of `repeats` runs after a warm-up: on a shared machine the minimum is the least noisy estimate."""
+def timed(fn, *args, device: torch.device, **kwargs) -> float:
+    start = time.perf_counter()
     fn(*args, **kwargs)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args, **kwargs)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def load_note(when: str) -> str:
+    """The load average, with a warning when other work competes for the cores (timings then vary several-fold)."""
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    busy = load > 0.5 * cores + 0.5
+    return f"load average {when}: {load:.2f} on {cores} cores" + (" -- CONTENDED: timings unreliable" if busy else "")
 
 
 def trie_megabytes(trie: IdentifierTrie) -> float:
@@ -68,55 +77,72 @@ def main() -> None:
     p.add_argument("--knn-k", type=int, default=100)
     p.add_argument("--no-knn", action="store_true", help="skip faiss (it needs sizes x dim x 4 bytes of memory)")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--threads", type=int, default=1, help="torch and faiss threads (1: stable on a shared machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch and faiss threads (1: stable on a shared machine; 0: leave the defaults)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the decoder and trie; faiss stays on the CPU)")
+    p.add_argument("--no-redecode", action="store_true", help="skip the re-decoding baseline (slow at paper size)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     rng = np.random.default_rng(args.seed)
     cfg = DecoderConfig(args.levels, args.codes, args.width, args.layers, args.heads, memory_dim=args.dim)
-    decoder = IdentifierDecoder(cfg).eval()
-    memory = torch.randn(args.queries, args.memory_tokens, args.dim)
+    decoder = IdentifierDecoder(cfg).eval().to(device)
+    memory = torch.randn(args.queries, args.memory_tokens, args.dim, device=device)
     queries = rng.standard_normal((args.queries, args.dim), dtype=np.float32)
     if not args.no_knn:
         import faiss
 
-        faiss.omp_set_num_threads(args.threads)
-
-    print(f"decoder {args.width}w x {args.layers}L x {args.heads}H, identifiers {args.levels}x{args.codes}, "
+        if args.threads:
+            faiss.omp_set_num_threads(args.threads)
+    print(load_note("at start"))
+    print(f"decoder {args.width}w x {args.layers}L x {args.heads}H on {device}, "
+          f"identifiers {args.levels}x{args.codes}, "
           f"beam {args.beam}, {args.queries} queries per batch, {args.memory_tokens} memory tokens, "
-          f"{args.threads} thread(s), best of {args.repeats}")
-    header = (f"{'identifiers':>11} | {'trie build s':>12} | {'trie MB':>7} | {'beam+cache ms/q':>15} | "
-              f"{'re-decode ms/q':>14} | {'re-decode/cache':>15} | {'kNN ms/q':>8} | {'kNN/beam':>8}")
-    print(header)
-    print("-" * len(header))
-    rows = []
+          f"{args.threads or 'default'} thread(s), {args.repeats} interleaved rounds")
+    setups = {}
     for n in args.sizes:
         codes = rng.integers(0, args.codes, (n, args.levels))
         start = time.perf_counter()
-        trie = IdentifierTrie.build(codes, args.codes)
+        trie = IdentifierTrie.build(codes, args.codes).to(device)
         build = time.perf_counter() - start
-        cached_out = beam_search(decoder, memory, trie, args.beam)
-        uncached_out = beam_search(decoder, memory, trie, args.beam, use_cache=False)
-        if not torch.equal(cached_out[0], uncached_out[0]):
-            raise AssertionError("cached and re-decoding beam search disagree")
-        cached = best_seconds(args.repeats, beam_search, decoder, memory, trie, args.beam)
-        uncached = best_seconds(args.repeats, beam_search, decoder, memory, trie, args.beam, use_cache=False)
-        knn = float("nan")
-        if not args.no_knn:
-            index = knn_index(n, args.dim, rng)
-            knn = best_seconds(args.repeats, index.search, queries, args.knn_k)
-            del index
-        per_q = lambda s: 1000 * s / args.queries
-        rows.append((n, build, trie_megabytes(trie), per_q(cached), per_q(uncached), per_q(knn)))
-        print(f"{n:>11,} | {build:>12.2f} | {trie_megabytes(trie):>7.1f} | {per_q(cached):>15.3f} | "
-              f"{per_q(uncached):>14.3f} | {uncached / cached:>15.2f} | {per_q(knn):>8.3f} | {knn / cached:>8.2f}",
-              flush=True)
-    if len({r[0] for r in rows}) > 1:
-        first, last = min(rows), max(rows)
-        print(f"\n{last[0] / first[0]:.0f}x more identifiers: beam search (cache) x{last[3] / first[3]:.2f}, "
-              f"re-decoding x{last[4] / first[4]:.2f}, exact kNN x{last[5] / first[5]:.2f} per query")
+        with torch.no_grad():
+            cached_out = beam_search(decoder, memory, trie, args.beam)
+            if not args.no_redecode:
+                uncached_out = beam_search(decoder, memory, trie, args.beam, use_cache=False)
+                if not torch.equal(cached_out[0], uncached_out[0]):
+                    raise AssertionError("cached and re-decoding beam search disagree")
+        setups[n] = (trie, build, knn_index(n, args.dim, rng) if not args.no_knn else None)
+    variants = {"beam+cache": lambda t, i: beam_search(decoder, memory, t, args.beam)}
+    if not args.no_redecode:
+        variants["re-decode"] = lambda t, i: beam_search(decoder, memory, t, args.beam, use_cache=False)
+    if not args.no_knn:
+        variants["kNN"] = lambda t, i: i.search(queries, args.knn_k)
+    times: dict[tuple[str, int], list[float]] = {}
+    with torch.no_grad():
+        for round_ in range(args.repeats + 1):  # round 0 warms up
+            for n, (trie, _, index) in setups.items():
+                for name, fn in variants.items():
+                    seconds = timed(fn, trie, index, device=device)
+                    if round_:
+                        times.setdefault((name, n), []).append(1000 * seconds / args.queries)
+    header = f"{'identifiers':>11} | {'trie build s':>12} | {'trie MB':>7} | " + " | ".join(
+        f"{name + ' ms/q min / median':>28}" for name in variants)
+    print(header)
+    print("-" * len(header))
+    for n, (trie, build, _) in setups.items():
+        cells = " | ".join(f"{min(times[name, n]):>13.3f} / {statistics.median(times[name, n]):>12.3f}"
+                           for name in variants)
+        print(f"{n:>11,} | {build:>12.2f} | {trie_megabytes(trie):>7.1f} | {cells}", flush=True)
+    if len(setups) > 1:
+        first, last = min(setups), max(setups)
+        ratios = ", ".join(f"{name} x{statistics.median(times[name, last]) / statistics.median(times[name, first]):.2f}"
+                           for name in variants)
+        print(f"\n{last / first:.0f}x more identifiers, per-query median time: {ratios}")
+    print(load_note("at end"))
 
 
 if __name__ == "__main__":

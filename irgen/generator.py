@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from irgen.beam_search import beam_search
 from irgen.decoder import DecoderConfig, IdentifierDecoder
 from irgen.encoders import build_encoder_from_config
+from irgen.memory_cache import FrozenMemoryCache
 from irgen.ranking import expand_identifiers, rank_identifiers, rerank_by_similarity, score_all_identifiers
 from irgen.trie import IdentifierTrie, validate_codes
 from irlab.module import RetrievalModule
@@ -106,6 +107,7 @@ class IRGenGenerator(RetrievalModule):
         ))
         if encoder_lr_scale == 0:  # frozen encoder (e.g. the tokenizer's): no backward through it, much faster
             self.encoder.requires_grad_(False)
+        self._memory_cache = FrozenMemoryCache()
         self.eval_ks = tuple(int(k) for k in eval_ks)
         self.register_buffer("codes", torch.empty(0, code_depth, dtype=torch.long))
         self._targets: torch.Tensor | None = None
@@ -157,6 +159,18 @@ class IRGenGenerator(RetrievalModule):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)[:, 0]
 
+    @property
+    def encoder_frozen(self) -> bool:
+        return self.hparams.encoder_lr_scale == 0
+
+    def train(self, mode: bool = True) -> IRGenGenerator:
+        """A frozen encoder stays in eval mode: its BatchNorm statistics do not drift while the decoder trains, so
+        the kNN row scores exactly the encoder the generator was given."""
+        super().train(mode)
+        if self.encoder_frozen:
+            self.encoder.eval()
+        return self
+
     def on_train_epoch_start(self) -> None:
         dm = self.trainer.datamodule
         pool_ids, pool_labels = dm.target_pool()  # the database: closed-set keeps validation queries as targets
@@ -165,7 +179,10 @@ class IRGenGenerator(RetrievalModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         targets = self._targets[batch["index"]]  # [B, D]
-        with torch.set_grad_enabled(self.hparams.encoder_lr_scale != 0):
+        if self.encoder_frozen:
+            with torch.no_grad():
+                memory = self._memory_cache.tokens(batch["index"], batch["image"], self.encoder)
+        else:
             memory = self.encoder(batch["image"])
         logits = self.decoder(self.decoder.input_tokens(targets).unsqueeze(1), self.decoder.memory_kv(memory))
         logits = logits.squeeze(1).float()  # [B, D, K]

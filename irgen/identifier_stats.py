@@ -17,13 +17,15 @@ from irlab.retrieval import evaluate_embeddings, evaluate_rankings
 
 
 def identifier_stats(codes: np.ndarray, labels: np.ndarray, num_codes: int) -> dict[str, float]:
-    """Usage/perplexity per level, distinct identifiers, images per identifier, cross-class collision rate."""
+    """Usage/perplexity per level, prefix class purity, distinct identifiers, images per identifier,
+    cross-class collision rate."""
     codes, labels = np.asarray(codes), np.asarray(labels)
     stats: dict[str, float] = {"images": float(len(codes)), "levels": float(codes.shape[1]),
                                "codes_per_level": float(num_codes)}
     for d in range(codes.shape[1]):
         stats[f"usage_l{d}"] = float(len(np.unique(codes[:, d])) / num_codes)
         stats[f"perplexity_l{d}"] = perplexity(codes[:, d], num_codes)
+        stats[f"prefix_purity_l{d}"] = prefix_purity(codes[:, : d + 1], labels)
     ids, inverse, sizes = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     stats["distinct_identifiers"] = float(len(ids))
@@ -81,3 +83,16 @@ def quantized_retrieval(raw: np.ndarray, recon: np.ndarray, codes: np.ndarray, e
     report = evaluate_rankings(nb, sc, ql, gl, exclude=exclude, ks=ks)
     out.update({f"prefix_{m}": float(v) for m, v in report.metrics.items() if m.startswith("R@")})
     return out
+
+
+def prefix_purity(prefixes: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of images whose prefix (codes of the first levels) is mostly carried by their own class: how
+    semantic the codes are. 1.0 when every prefix holds one class; near the largest class share when the codes
+    ignore the classes. With fewer codes than classes at level 0 it is bounded by codes/classes there."""
+    if len(prefixes) == 0:
+        return 0.0
+    _, groups = np.unique(prefixes, axis=0, return_inverse=True)
+    pairs, counts = np.unique(np.stack([groups.reshape(-1), labels]), axis=1, return_counts=True)
+    majority = np.zeros(groups.max() + 1, dtype=np.int64)
+    np.maximum.at(majority, pairs[0], counts)
+    return float(majority.sum() / len(prefixes))

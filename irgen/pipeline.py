@@ -24,8 +24,7 @@ from typing import Any
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, OnExceptionCheckpoint
-from lightning.pytorch.loggers import Logger
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,11 +40,11 @@ from irlab.plain import to_plain
 from irlab.provenance import run_provenance
 from irlab.reporting import print_metrics, write_metrics
 from irlab.train import (
+    build_callbacks,
     build_datamodule,
     build_model,
-    check_accelerator,
+    build_trainer,
     fit_or_exit,
-    instantiate_group,
     log_hyperparameters,
     logged_metrics,
     this_command,
@@ -134,29 +133,26 @@ def stage_trainer_config(cfg: DictConfig, stage: str) -> DictConfig:
 
 
 def build_stage_trainer(cfg: DictConfig, stage: str, ckpt_dir: Path, monitor: str = "val/R@1") -> L.Trainer:
-    """A trainer whose checkpoints (best by `monitor` and last.ckpt) go to the stage's artifact sub-folder."""
-    callbacks: list[Callback] = []
-    for conf in (cfg.get("callbacks") or {}).values():
-        if not isinstance(conf, DictConfig) or "_target_" not in conf:
-            continue
-        target = hydra.utils.get_class(conf._target_)
-        extra = {}
+    """A trainer whose checkpoints (best by `monitor` and last.ckpt) go to the stage's artifact sub-folder, built
+    by the shared `build_trainer` (DDP launch, loggers) with the stage's trainer settings."""
+    def adapt(target: type, conf: DictConfig) -> dict:
         if issubclass(target, OnExceptionCheckpoint):  # where this stage's resume looks (`resume_checkpoint`)
-            extra = {"dirpath": str(ckpt_dir)}
-        elif issubclass(target, ModelCheckpoint):  # the selected model and last.ckpt go to the stage's folder
+            return {"dirpath": str(ckpt_dir)}
+        if issubclass(target, ModelCheckpoint):  # the selected model and last.ckpt go to the stage's folder
             extra = {"dirpath": str(ckpt_dir)}
             if conf.get("monitor") is not None:
                 extra.update(monitor=monitor, mode="max")
-        elif issubclass(target, LearningCurve):  # one curve per stage in the run folder
-            extra = {"monitor": monitor, "name": f"learning_curve_{stage}"}
-        callbacks.append(hydra.utils.instantiate(conf, **extra))
-    if not any(isinstance(c, ModelCheckpoint) and c.monitor is None for c in callbacks):  # resuming needs last.ckpt
-        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,
+            return extra
+        if issubclass(target, LearningCurve):  # one curve per stage in the run folder
+            return {"monitor": monitor, "name": f"learning_curve_{stage}"}
+        return {}
+
+    callbacks = build_callbacks(cfg, adapt)
+    resumable = not cfg.get("debug_run")  # debug=fast writes no full training state (conf/debug/fast.yaml)
+    if resumable and not any(isinstance(c, ModelCheckpoint) and c.monitor is None for c in callbacks):
+        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,  # resume needs it
                                          enable_version_counter=False))
-    loggers = instantiate_group(cfg.get("logger"), Logger)
-    trainer_cfg = stage_trainer_config(cfg, stage)
-    check_accelerator(trainer_cfg)
-    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False)
+    return build_trainer(cfg, trainer_cfg=stage_trainer_config(cfg, stage), callbacks=callbacks)
 
 
 # ---- stage 1: tokenizer ---------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -36,13 +37,18 @@ warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=None\)` was calle
 warnings.filterwarnings("ignore", message=r".*\.fit\(ckpt_path=\"last\"\) is set, but there is no last checkpoint")
 
 
-def instantiate_group(group: DictConfig | None, kind: type) -> list:
-    """Instantiate every `_target_` entry of a config group (callbacks, loggers); None means none."""
+def instantiate_group(group: DictConfig | None, kind: type,
+                      adapt: Callable[[type, DictConfig], dict] | None = None) -> list:
+    """Instantiate every `_target_` entry of a config group (callbacks, loggers); None means none.
+
+    ``adapt(target_class, conf)`` returns extra keyword arguments for an entry (IRGen's stages send each
+    stage's checkpoints to its own folder this way)."""
     objects = []
     for name, conf in (group or {}).items():
         if not isinstance(conf, DictConfig) or "_target_" not in conf:
             continue
-        obj = hydra.utils.instantiate(conf)
+        extra = adapt(hydra.utils.get_class(conf._target_), conf) if adapt else {}
+        obj = hydra.utils.instantiate(conf, **extra)
         if not isinstance(obj, kind):
             raise TypeError(f"{name}: expected a {kind.__name__}, got {type(obj).__name__}")
         objects.append(obj)
@@ -76,12 +82,22 @@ def check_accelerator(trainer_cfg: DictConfig) -> None:
                            "(picks what the machine has) or trainer=cpu; for DDP on CPU, trainer=ddp_cpu")
 
 
-def build_trainer(cfg: DictConfig, **overrides) -> L.Trainer:
-    check_accelerator(cfg.trainer)
-    install_hydra_ddp_launch()  # extra DDP ranks re-run this job, not the whole command line (sweeps)
-    callbacks = instantiate_group(cfg.get("callbacks"), Callback)
+def build_callbacks(cfg: DictConfig, adapt: Callable[[type, DictConfig], dict] | None = None) -> list[Callback]:
+    return instantiate_group(cfg.get("callbacks"), Callback, adapt)
+
+
+def build_trainer(cfg: DictConfig, trainer_cfg: DictConfig | None = None, callbacks: list[Callback] | None = None,
+                  **overrides) -> L.Trainer:
+    """The one place every trainer is built (each method, each stage): accelerator check, the Hydra-aware DDP
+    launch (extra ranks re-run this job in its own folder, also under ``-m``), callbacks and loggers from the
+    config. ``trainer_cfg`` replaces ``cfg.trainer`` (a stage's merged settings); ``callbacks`` the configured
+    callbacks (already built and adapted by the caller)."""
+    trainer_cfg = cfg.trainer if trainer_cfg is None else trainer_cfg
+    check_accelerator(trainer_cfg)
+    install_hydra_ddp_launch()
+    callbacks = build_callbacks(cfg) if callbacks is None else callbacks
     loggers = instantiate_group(cfg.get("logger"), Logger)
-    return hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **overrides)
+    return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
 def log_hyperparameters(trainer: L.Trainer, cfg: DictConfig, model: L.LightningModule, dm) -> None:

@@ -50,14 +50,17 @@ def run_step(net: AREIRNet, images: torch.Tensor, targets: torch.Tensor, seed: i
 
 
 @pytest.mark.parametrize(
-    "arch,with_se,random_weighting", [("resnet18", True, True), ("resnext50_32x4d", False, False)]
+    "arch,with_se,random_weighting,pool_grid",
+    [("resnet18", True, True, 1), ("resnext50_32x4d", False, False, 1), ("resnet_small", True, False, 2)],
 )
-def test_batched_formulations_equal_the_loop(arch: str, with_se: bool, random_weighting: bool) -> None:
+def test_batched_formulations_equal_the_loop(arch: str, with_se: bool, random_weighting: bool,
+                                             pool_grid: int) -> None:
     """Same weights -> same logits, gradients and BatchNorm updates, in float64 (where the formulations agree to
     ~1e-15; in float32, train-mode BatchNorm over a few images at 1x1 resolution amplifies summation-order noise)."""
     torch.manual_seed(0)
     e, m = 2, 4
-    net = AREIRNet(arch, e, m, with_se, random_weighting=random_weighting, member_impl="loop").double().train()
+    net = AREIRNet(arch, e, m, with_se, random_weighting=random_weighting, member_impl="loop",
+                   pool_grid=pool_grid).double().train()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     images = torch.randn(3, 3, 16, 16, dtype=torch.float64)  # small: float64 convolutions are slow on CPU
     targets = torch.randint(0, m, (3, e))

@@ -85,3 +85,24 @@ def test_end_ddp_job_restores_launcher_environment(monkeypatch):
     import os
 
     assert "LOCAL_RANK" not in os.environ and os.environ["MASTER_ADDR"] == "node7"
+
+
+@pytest.mark.slow
+def test_irgen_two_job_multirun_under_ddp(tmp_path):
+    """Every IRGen stage's trainer goes through `build_trainer`: under ``-m``, the extra DDP rank re-runs its own
+    job (both stages), not the sweep, and each job ends with a generator result."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "-m", "experiment=digits_irgen", "dataset=digits",
+         "irgen.tokenizer.encoder.arch=vit_tiny", "trainer=ddp_cpu", "debug=fast", "seed=1,2",
+         "dataset.image_size=16", "dataset.resize_size=16", "irgen.tokenizer.kmeans_max_points=256",
+         "irgen.generator.width=32", "irgen.generator.layers=1", "irgen.generator.heads=2", "torch_threads=1",
+         f"hydra.sweep.dir={sweep}", f"paths.log_dir={tmp_path / 'logs'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert sorted(p.parent.name for p in sweep.glob("*/metrics.json")) == ["0", "1"]
+    for job in ("0", "1"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())["metrics"]
+        assert 0 <= metrics["test/R@1"] <= 1 and 0 <= metrics["test/knn/R@1"] <= 1
+    assert "sweep sweep: 2 jobs" in proc.stdout

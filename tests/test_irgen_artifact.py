@@ -141,6 +141,9 @@ def test_identifier_stats_on_a_handmade_example():
     assert stats["collision_rate"] == pytest.approx(3 / 6)
     assert stats["usage_l0"] == 0.5 and stats["perplexity_l0"] == pytest.approx(2.0)
     assert stats["perplexity_l1"] == pytest.approx(np.exp(-(1 / 6 * np.log(1 / 6) + 5 / 6 * np.log(5 / 6))))
+    # level 0: code 0 holds 5,5,6 (majority 2 of 3), code 1 holds 7,8,8 (2 of 3); full prefixes: (0,1) 2 of 3,
+    # (1,0) 1 of 1, (1,1) 2 of 2
+    assert stats["prefix_purity_l0"] == pytest.approx(4 / 6) and stats["prefix_purity_l1"] == pytest.approx(5 / 6)
 
 
 def test_prefix_ranking_orders_by_shared_prefix_then_similarity():

@@ -146,7 +146,8 @@ def test_bad_identifiers_are_clear_errors(codes):
 
 
 PIPELINE_FAST = [
-    "experiment=digits_irgen", "trainer.accelerator=cpu", "trainer.max_epochs=1", "++trainer.limit_train_batches=2",
+    "experiment=digits_irgen", "dataset=digits", "irgen.tokenizer.encoder.arch=vit_tiny", "trainer.accelerator=cpu",
+    "trainer.max_epochs=1", "++trainer.limit_train_batches=2",
     "callbacks.model_summary=null", "irgen.tokenizer.num_codes=8", "irgen.tokenizer.kmeans_niter=5",
     "irgen.generator.width=32", "irgen.generator.layers=1", "irgen.generator.heads=2",
     "irgen.stage_trainer.generator.max_epochs=1", "irgen.stage_trainer.generator.check_val_every_n_epoch=1",
@@ -217,3 +218,37 @@ def test_pipeline_runs_every_stage_on_fake_benchmarks(experiment, protocol, fake
     for key in ("test/R@1", f"test/R@{k}", f"test/P@{k}_irgen", "test/knn/R@1", "val/R@1"):
         assert 0 <= metrics[key] <= 1, key
     assert metrics["test/queries_evaluated"] == metrics["test/knn/queries_evaluated"] > 0
+
+
+def test_frozen_memory_cache_reuses_verified_tokens_and_turns_itself_off():
+    from irgen.memory_cache import FrozenMemoryCache
+
+    calls = []
+
+    def encode(images):
+        calls.append(len(images))
+        return images * 2
+
+    cache, index, images = FrozenMemoryCache(), torch.tensor([3, 1]), torch.randn(2, 4, 5)
+    assert torch.equal(cache.tokens(index, images, encode), images * 2)  # first epoch: encoded and stored
+    assert torch.equal(cache.tokens(index, images, encode), images * 2) and cache.verified  # verified once
+    assert torch.equal(cache.tokens(index.flip(0), images.flip(0), encode), images.flip(0) * 2)
+    assert calls == [2, 2]  # the third call came from the cache
+
+    augmenting = FrozenMemoryCache()
+    augmenting.tokens(index, images, encode)
+    assert torch.equal(augmenting.tokens(index, images + 1, encode), (images + 1) * 2)  # differs: off
+    assert not augmenting.enabled and not augmenting.store
+    small = FrozenMemoryCache(budget_bytes=8)
+    small.tokens(index, images, encode)
+    assert not small.enabled  # 2 x 20 floats do not fit in 8 bytes
+
+
+def test_frozen_encoder_stays_in_eval_mode():
+    model = IRGenGenerator(code_depth=2, codebook_size=4, encoder={"arch": "cnn_small", "image_size": 32},
+                           encoder_init=None, width=16, layers=1, heads=2, encoder_lr_scale=0.0)
+    model.train()
+    assert model.decoder.training and not model.encoder.training
+    tuned = IRGenGenerator(code_depth=2, codebook_size=4, encoder={"arch": "cnn_small", "image_size": 32},
+                           encoder_init=None, width=16, layers=1, heads=2, encoder_lr_scale=0.1)
+    assert tuned.train().encoder.training

@@ -21,7 +21,8 @@ from irlab.train import build_datamodule, build_model
 from tests.helpers import REPO, compose_config
 
 # 16 px digits and a capped k-means pass keep the whole CLI run to a few seconds of compute
-FAST = ["experiment=digits_irgen", "irgen.stage=tokenizer", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+FAST = ["experiment=digits_irgen", "dataset=digits", "irgen.tokenizer.encoder.arch=vit_tiny",
+        "irgen.stage=tokenizer", "trainer.max_epochs=1", "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "trainer.accelerator=cpu",
         "dataset.image_size=16", "dataset.resize_size=16", "irgen.tokenizer.kmeans_max_points=256"]
 
@@ -82,9 +83,9 @@ def test_irgen_experiments_use_the_paper_protocol_and_share_the_tokenizer_config
     assert cfg.protocol.name == "closed_set"
     assert cfg.irgen.tokenizer._target_ == "irgen.tokenizer.IRGenTokenizer"
     assert cfg.irgen.stage == "all" and cfg.irgen.rebuild is False
-    assert cfg.irgen.artifact_dir.endswith("irgen_artifacts/digits_closed_set")
+    assert cfg.irgen.artifact_dir.endswith("irgen_artifacts/digit_pairs_closed_set")
     zero = compose_config(["experiment=digits_irgen", "protocol=zero_shot"], output_dir=tmp_path)
-    assert zero.irgen.artifact_dir.endswith("irgen_artifacts/digits_zero_shot")
+    assert zero.irgen.artifact_dir.endswith("irgen_artifacts/digit_pairs_zero_shot")
 
 
 def test_tiny_dataset_reduces_codes_or_says_what_to_change(fake_data_dir, tmp_path, caplog):
@@ -165,7 +166,8 @@ def test_debug_fast_limits_every_stage_and_leaves_no_real_artifact(tmp_path):
     cfg = compose_config(["experiment=isc_irgen", "debug=fast"], output_dir=tmp_path)
     generator = stage_trainer_config(cfg, "generator")
     assert generator.max_epochs == 1 and generator.limit_train_batches == 2  # not the preset's 100 epochs
-    cfg = compose_config(["experiment=digits_irgen", "debug=fast", "trainer.accelerator=cpu",
+    cfg = compose_config(["experiment=digits_irgen", "dataset=digits", "irgen.tokenizer.encoder.arch=vit_tiny",
+                          "debug=fast", "trainer.accelerator=cpu",
                           "dataset.image_size=16", "dataset.resize_size=16", "irgen.tokenizer.kmeans_max_points=256",
                           "irgen.generator.width=32", "irgen.generator.layers=1", "irgen.generator.heads=2"],
                          output_dir=tmp_path)

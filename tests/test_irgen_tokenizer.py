@@ -323,3 +323,16 @@ def test_clip_positional_embedding_is_resized_for_other_image_sizes():
     encoder = CLIPViTEncoder(spec_from_state(sd), 2 * IMAGE)
     encoder.load_state_dict(convert_clip_visual(sd, grid=2 * IMAGE // PATCH))
     assert encoder(torch.randn(1, 3, 2 * IMAGE, 2 * IMAGE)).shape == (1, (2 * IMAGE // PATCH) ** 2 + 1, OUT)
+
+
+def test_small_cnn_encoder_tokens_and_refuses_pretrained():
+    """cnn_small: a global token (the baseline trunk's feature) then the 4x4 cells; images of another size pool
+    to the same 16 cells."""
+    encoder = build_encoder("cnn_small", image_size=32)
+    tokens = encoder(torch.randn(2, 3, 32, 32))
+    assert tokens.shape == (2, 17, encoder.dim)
+    assert encoder(torch.randn(2, 3, 48, 48)).shape == (2, 17, encoder.dim)
+    assert torch.allclose(encoder.global_feature(torch.zeros(1, 3, 32, 32)),
+                          encoder.pool(encoder.cells(torch.zeros(1, 3, 32, 32))))
+    with pytest.raises(ValueError, match="irgen.tokenizer.encoder.pretrained=false"):
+        build_encoder("cnn_small", pretrained=True)

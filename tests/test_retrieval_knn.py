@@ -149,3 +149,30 @@ def test_use_gpu_true_without_gpu_raises():
     with pytest.raises(RuntimeError):
         knn_search(x, x, 1, use_gpu=True)
     knn_search(x, x, 1, use_gpu=False)
+
+
+def test_torch_index_path_matches_the_reference(monkeypatch):
+    """The GPU fallback (faiss without GPU support on a GPU machine), run on the CPU: same results, ties included,
+    with gallery blocks smaller than the gallery so that the block merge is exercised."""
+    import torch
+
+    from irlab.retrieval import torch_index
+
+    monkeypatch.setattr(knn_mod, "_torch_gpu", lambda: torch.device("cpu"))
+    built = []
+    original = torch_index.TorchFlatIP.__init__
+
+    def small_blocks(self, gallery, device, block_rows=1 << 16):
+        built.append(device)
+        original(self, gallery, device, block_rows=7)
+
+    monkeypatch.setattr(torch_index.TorchFlatIP, "__init__", small_blocks)
+    rng = np.random.default_rng(3)
+    g, q = grid(rng, 40, 4, 2, 0.5), grid(rng, 9, 4, 2, 0.5)
+    q[0] = g[5] = g[17]
+    for k in (1, 6, 40):
+        check(q, g, k, exclude=rng.integers(-1, 40, 9), chunk_size=4)
+    assert built and all(d.type == "cpu" for d in built)
+    with pytest.raises(RuntimeError, match="sees a GPU"):
+        monkeypatch.setattr(knn_mod, "_torch_gpu", lambda: None)
+        knn_search(q, g, 3, use_gpu=True)

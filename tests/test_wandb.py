@@ -64,3 +64,31 @@ def test_multirun_jobs_are_grouped_by_sweep(tmp_path):
     assert job._wandb_init["name"] == "model.embedding_dim=32,seed=1"
     explicit = wandb_logger(name="train", group="ablation", project="irlab", save_dir=str(tmp_path))
     assert explicit._wandb_init["group"] == "ablation"
+
+
+@pytest.mark.slow
+def test_irgen_tokenizer_codebook_usage_reaches_wandb(tmp_path, monkeypatch):
+    """The identifier-statistics callback's histograms and per-level perplexity land in the offline run."""
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    cfg = compose_config(["experiment=digits_irgen", "dataset=digits", "irgen.tokenizer.encoder.arch=vit_tiny",
+                          "irgen.stage=tokenizer", *FAST[:2], *FAST[3:], "irgen.tokenizer.kmeans_max_points=256",
+                          "logger=wandb"], output_dir=tmp_path)
+    try:
+        run(cfg)
+    finally:
+        wandb.finish()
+    log = finished_run_log(tmp_path)
+    images = {p.parent.name + "/" + p.name.split("_step")[0].rsplit("_", 2)[0]
+              for p in (log.parent / "files" / "media" / "images").rglob("*.png")}
+    assert "val/identifier_usage" in images
+    summary = {}
+    for record in records(log):
+        if record.WhichOneof("record_type") == "summary":
+            summary.update({item.key or "/".join(item.nested_key): item.value_json for item in record.summary.update})
+    levels = cfg.irgen.tokenizer.num_levels
+    for level in range(levels):
+        perplexity = float(summary[f"ids/level{level}/perplexity"])
+        assert 1.0 <= perplexity <= cfg.irgen.tokenizer.num_codes
+        assert 0.0 < float(summary[f"ids/level{level}/used_fraction"]) <= 1.0

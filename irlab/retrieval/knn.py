@@ -5,7 +5,8 @@ and items with *bitwise equal* float32 scores are ordered by ascending gallery i
 sort of ``-scores`` gives. Without a fixed rule, metrics on data with duplicate images or quantized/binary
 embeddings would change with the BLAS build or the chunk size, and neighbours and mAP could disagree.
 
-faiss does the heavy lifting (``IndexFlatIP``; a GPU index when faiss was built with GPUs), but its selection
+faiss does the heavy lifting (``IndexFlatIP``; a GPU index when faiss was built with GPUs; on a GPU machine whose
+faiss has no GPU support, `torch_index.TorchFlatIP` on the GPU instead), but its selection
 among equal scores is arbitrary, so results are re-sorted by (score desc, index asc) and every row whose k-th
 and (k+1)-th candidates tie is recomputed exactly with numpy (rare for real-valued embeddings).
 """
@@ -113,8 +114,13 @@ def _faiss_index(gallery: np.ndarray, use_gpu: bool | None, k: int) -> Any:
     import faiss  # local import: metrics/plots stay usable where faiss is missing
 
     n_gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
+    device = _torch_gpu() if n_gpus == 0 and use_gpu is not False else None
+    if device is not None:  # faiss-cpu on a GPU machine: brute force in torch on the GPU
+        from irlab.retrieval.torch_index import TorchFlatIP
+
+        return TorchFlatIP(gallery, device)
     if use_gpu and n_gpus == 0:
-        raise RuntimeError("use_gpu=True but this faiss build sees no GPU")
+        raise RuntimeError("use_gpu=True but neither this faiss build nor torch sees a GPU")
     cpu_index = faiss.IndexFlatIP(gallery.shape[1])
     if use_gpu is not False and n_gpus > 0:
         if k <= _GPU_MAX_K:
@@ -126,6 +132,15 @@ def _faiss_index(gallery: np.ndarray, use_gpu: bool | None, k: int) -> Any:
         log.warning("knn_search: k=%d exceeds the faiss GPU limit %d, searching on CPU", k, _GPU_MAX_K)
     cpu_index.add(gallery)
     return cpu_index
+
+
+def _torch_gpu() -> Any:
+    """This process's CUDA device when torch sees one, else None."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
 
 
 def _resolve_candidates(

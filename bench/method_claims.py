@@ -1,0 +1,111 @@
+"""Does each method's claim hold on the embedded benchmark? The presets as users run them, over seeds.
+
+    python bench/method_claims.py                        # IRGen and AREIR, seeds 1 2 3 (~40 min on 2 cores)
+    python bench/method_claims.py --only irgen --seeds 1
+
+Test metrics, mean +- std over the seeds; every checkpoint is selected on validation data, the test split is
+evaluated once per run and never selected on.
+
+* IRGen (``experiment=digits_irgen``, closed set, the paper's protocol): P@K at every K of ``eval_ks`` for the
+  paper's generative ranking, generative + rerank, and kNN over the same (frozen, tokenizer-trained) encoder. The
+  paper's claim: generative >= kNN at every K. Also the tokenizer's prefix class purity per level and level-0
+  perplexity (are the codes semantic?), collision rate and quantized-feature R@1.
+* AREIR (``experiment=digits_areir``, zero-shot): R@1 and MAP@R of the E-member ensemble, of one member trained
+  alone for the same epochs (E=1, same M), of a plain classifier (E=1, M=C), and of ``digits_baseline``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere without installing
+from bench.embedded_benchmark import compose  # noqa: E402
+
+
+def run_preset(overrides: list[str], out: Path) -> dict[str, float]:
+    from irlab.train import run
+
+    cfg = compose(overrides, out)
+    return run(cfg, "train")
+
+
+def summary(values: list[float]) -> str:
+    v = np.asarray(values, dtype=float)
+    return f"{v.mean():.3f} +- {v.std():.3f}"
+
+
+def irgen_rows(seeds: list[int], tmp: Path) -> None:
+    rows: dict[str, dict[str, list[float]]] = {"generative (paper)": {}, "generative + rerank": {}, "kNN": {}}
+    stats: dict[str, list[float]] = {"wall s": []}
+    ks: list[int] = []
+    for seed in seeds:
+        art = tmp / f"irgen_s{seed}"
+        m = run_preset(["experiment=digits_irgen", f"seed={seed}", f"irgen.artifact_dir={art}"], tmp / f"irg{seed}")
+        ks = sorted(int(k.split("@")[1]) for k in m if k.startswith("test/knn/P@") and "_" not in k)
+        for name, prefix in zip(rows, ("test/", "test/rerank/", "test/knn/"), strict=True):
+            for k in ks:
+                rows[name].setdefault(f"P@{k}", []).append(m[f"{prefix}P@{k}"])
+            rows[name].setdefault("MAP@R", []).append(m[f"{prefix}MAP@R"])
+        for key in ("perplexity_l0", *(f"prefix_purity_l{d}" for d in range(4)), "collision_rate", "quantized_R@1"):
+            stats.setdefault(f"tokenizer {key}", []).append(m[f"tokenizer/{key}"])
+        stats["wall s"].append(json.loads((tmp / f"irg{seed}" / "metrics.json").read_text())
+                               ["provenance"]["wall_seconds"])
+    print(f"\nIRGen, digits_irgen (closed set), test, seeds {seeds}")
+    columns = [f"P@{k}" for k in ks] + ["MAP@R"]
+    print(f"{'row':<22}" + "".join(f"{c:>16}" for c in columns))
+    for name, values in rows.items():
+        print(f"{name:<22}" + "".join(f"{summary(values[c]):>16}" for c in columns))
+    holds = all(np.mean(rows["generative (paper)"][c]) >= np.mean(rows["kNN"][c]) for c in columns[:-1])
+    print(f"claim 'generative >= kNN at every K': {'holds' if holds else 'does NOT hold'} (means)")
+    for name, values in stats.items():
+        print(f"{name}: {summary(values)}")
+
+
+def areir_rows(seeds: list[int], tmp: Path) -> None:
+    variants = {
+        "AREIR ensemble": ["experiment=digits_areir"],
+        "one member (E=1)": ["experiment=digits_areir", "model.members=1"],
+        "plain classifier": ["experiment=digits_areir", "model.members=1", "model.meta_classes=40"],
+        "baseline": ["experiment=digits_baseline"],
+    }
+    rows: dict[str, dict[str, list[float]]] = {name: {"R@1": [], "MAP@R": []} for name in variants}
+    for seed in seeds:
+        for name, overrides in variants.items():
+            m = run_preset([*overrides, f"seed={seed}"], tmp / f"{name.split()[0]}_{len(overrides)}_s{seed}")
+            for c in rows[name]:
+                rows[name][c].append(m[f"test/{c}"])
+    print(f"\nAREIR, digits_areir (zero-shot), test, seeds {seeds}")
+    print(f"{'row':<22}{'R@1':>16}{'MAP@R':>16}")
+    for name, values in rows.items():
+        print(f"{name:<22}{summary(values['R@1']):>16}{summary(values['MAP@R']):>16}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--only", choices=["irgen", "areir"], default=None)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    print(f"load average at start {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.only in (None, "irgen"):
+            irgen_rows(args.seeds, Path(tmp))
+        if args.only in (None, "areir"):
+            areir_rows(args.seeds, Path(tmp))
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
