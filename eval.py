@@ -1,16 +1,21 @@
-"""Evaluate a trained checkpoint: `python eval.py experiment=... ckpt_path=/path/to/run/checkpoints/last.ckpt`."""
+"""Evaluate a trained checkpoint: `python eval.py ckpt_path=<run>/checkpoints/epoch_XXX.ckpt`.
+
+The checkpoint's own run supplies the experiment and overrides (`irlab.run_config`); anything typed here is
+applied on top (`split=val`, `irgen.generator.beam_size=30`, or another `experiment=`).
+"""
 
 from __future__ import annotations
 
 import hydra
 from omegaconf import DictConfig
 
+from irlab.run_config import with_checkpoint_run_config
 from irlab.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run(cfg, "evaluate")
+    run(with_checkpoint_run_config(cfg), "evaluate")
 
 
 if __name__ == "__main__":

@@ -28,14 +28,13 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from irlab.backbones import build_torchvision
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d", "resnet_small")
-SMALL_WIDTHS = (32, 64, 128, 256)  # resnet_small: layer1-4 widths (torchvision's resnet18: 64, 128, 256, 512)
+RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
+ARCHS = (*RESNET_ARCHS, "cnn_small")
 MEMBER_IMPLS = ("loop", "grouped", "vmap")
 AUTO_IMPL = {"cuda": "grouped"}  # `auto`: grouped on GPU, the loop elsewhere (measured fastest on CPU)
 
@@ -208,35 +207,9 @@ def checkpoint_once(owner: nn.Module, fn, *args):
     return checkpoint(run, *args, use_reentrant=False)
 
 
-def resnet_small() -> nn.Module:
-    """A torchvision ResNet of one BasicBlock per layer, widths 32-256, with a 3x3 stride-1 stem: the embedded
-    benchmark's 32 px member template (random init only).
-
-    Why: at 32 px resnet18's 7x7 stride-2 stem and four strides leave layer4 a 1x1 map (features that do not
-    transfer, see `irlab.backbones.small_cnn_trunk`), and E full resnet18 branches cost ~10x the baseline's trunk
-    per image on CPU; this one keeps layer2-4 at 8, 4 and 2 px and one member costs about a quarter of it.
-    """
-    model = torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1])
-    model.inplanes = SMALL_WIDTHS[0]
-    model.conv1 = nn.Conv2d(3, SMALL_WIDTHS[0], 3, 1, 1, bias=False)
-    model.bn1 = nn.BatchNorm2d(SMALL_WIDTHS[0])
-    for i, width in enumerate(SMALL_WIDTHS):
-        setattr(model, f"layer{i + 1}", model._make_layer(torchvision.models.resnet.BasicBlock, width, 1,
-                                                          stride=1 if i == 0 else 2))
-    model.fc = nn.Linear(SMALL_WIDTHS[-1], 1000)
-    for m in model.modules():  # torchvision's ResNet initialisation for the replaced layers
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-    return model
-
-
 def build_template(arch: str, pretrained: bool | str = False) -> nn.Module:
     if arch not in ARCHS:
         raise ValueError(f"model.arch must be one of {ARCHS}, got {arch!r}")
-    if arch == "resnet_small":
-        if pretrained:
-            raise ValueError("resnet_small has no pretrained weights: set model.pretrained=false")
-        return resnet_small()
     return build_torchvision(arch, pretrained)
 
 
@@ -265,6 +238,17 @@ class AREIRNet(nn.Module):
         self.num_members, self.meta_classes = members, meta_classes
         self.member_impl, self.random_weighting = member_impl, random_weighting
         self.checkpoint_members = checkpoint_members
+        if arch == "cnn_small":  # the embedded benchmark's trunk (areir/small_members.py)
+            from areir.small_members import STEM_WIDTHS, SmallCNNMembers, small_stem
+
+            if pretrained:
+                raise ValueError("cnn_small has no pretrained weights: set model.pretrained=false")
+            if pool_grid != 1:
+                raise ValueError("model.pool_grid applies to ResNet members; cnn_small members max-pool to 4x4")
+            self.stem, self.stem_channels = small_stem(), STEM_WIDTHS[-1]
+            self.members = SmallCNNMembers(members, meta_classes, with_se)
+            self.members.reset_parameters()
+            return
         template = build_template(arch, pretrained)
         self.stem = nn.Sequential(template.conv1, template.bn1, template.relu, template.maxpool, template.layer1)
         self.stem_channels = _out_channels(template.layer1)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 # generator settings that only change the evaluation, taken from this run's config
 EVAL_KEYS = ("beam_size", "eval_ks", "max_rank", "exhaustive")
 WHERE = ("The generator stage writes its checkpoints to <irgen.artifact_dir>/generator/ "
-         "(default logs/irgen_artifacts/<dataset>_<protocol>/generator/epoch_*.ckpt).")
+         "(default logs/irgen_artifacts/<dataset>_<protocol>_seed<seed>/generator/epoch_*.ckpt).")
 
 
 def load_generator(path: str | Path, cfg: DictConfig) -> IRGenGenerator:

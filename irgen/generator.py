@@ -171,6 +171,11 @@ class IRGenGenerator(RetrievalModule):
             self.encoder.eval()
         return self
 
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # Lightning restores every submodule's own mode after a validation run instead of calling train()
+        if self.encoder_frozen and self.encoder.training:
+            self.encoder.eval()
+
     def on_train_epoch_start(self) -> None:
         dm = self.trainer.datamodule
         pool_ids, pool_labels = dm.target_pool()  # the database: closed-set keeps validation queries as targets

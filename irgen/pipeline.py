@@ -39,6 +39,7 @@ from irlab.paths import expand_path
 from irlab.plain import to_plain
 from irlab.provenance import run_provenance
 from irlab.reporting import print_metrics, write_metrics
+from irlab.run_config import write_run_overrides
 from irlab.train import (
     build_callbacks,
     build_datamodule,
@@ -368,6 +369,7 @@ def generator_stage(ctx: PipelineContext) -> dict[str, float]:
         best = str(selected or last)
         if trainer.is_global_zero:
             done.write_text(json.dumps({"checkpoint": best, "metrics": metrics}, indent=2, sort_keys=True))
+            write_run_overrides(gen_dir)  # `eval.py ckpt_path=<this folder's checkpoint>` needs nothing else
         trainer.strategy.barrier()
     if cfg.get("test", True):
         log.info(f"generator: testing {best}")

@@ -51,7 +51,8 @@ def run_step(net: AREIRNet, images: torch.Tensor, targets: torch.Tensor, seed: i
 
 @pytest.mark.parametrize(
     "arch,with_se,random_weighting,pool_grid",
-    [("resnet18", True, True, 1), ("resnext50_32x4d", False, False, 1), ("resnet_small", True, False, 2)],
+    [("resnet18", True, True, 1), ("resnext50_32x4d", False, False, 1), ("resnet18", False, False, 2),
+     ("cnn_small", True, False, 1)],
 )
 def test_batched_formulations_equal_the_loop(arch: str, with_se: bool, random_weighting: bool,
                                              pool_grid: int) -> None:

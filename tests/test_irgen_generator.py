@@ -158,7 +158,7 @@ def test_pipeline_generator_stage_trains_reuses_and_refuses_stale_outputs(tmp_pa
     metrics = run(compose_config(PIPELINE_FAST, output_dir=tmp_path / "a"))
     for key in ("test/R@1", "test/knn/R@1", "test/P@8_irgen", "val/R@1", "tokenizer/val/R@1"):
         assert 0 <= metrics[key] <= 1, key
-    gen_dir = tmp_path / "a" / "logs" / "irgen_artifacts" / "digits_closed_set" / "generator"
+    gen_dir = tmp_path / "a" / "logs" / "irgen_artifacts" / "digits_closed_set_seed42" / "generator"
     assert (gen_dir / "done.json").is_file() and (gen_dir / "last.ckpt").is_file()
 
     # eval.py scores exactly the given generator checkpoint: same numbers as the pipeline's test, no training
@@ -249,6 +249,9 @@ def test_frozen_encoder_stays_in_eval_mode():
                            encoder_init=None, width=16, layers=1, heads=2, encoder_lr_scale=0.0)
     model.train()
     assert model.decoder.training and not model.encoder.training
+    model.encoder.train()  # what Lightning's mode restore after a validation run does to submodules
+    model.on_train_batch_start({}, 0)
+    assert not model.encoder.training
     tuned = IRGenGenerator(code_depth=2, codebook_size=4, encoder={"arch": "cnn_small", "image_size": 32},
                            encoder_init=None, width=16, layers=1, heads=2, encoder_lr_scale=0.1)
     assert tuned.train().encoder.training

@@ -36,7 +36,7 @@ def test_tokenizer_stage_cli_then_reuse_then_refuse_stale(tmp_path, caplog):
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    art_dir = logs / "irgen_artifacts" / "digits_closed_set"
+    art_dir = logs / "irgen_artifacts" / "digits_closed_set_seed42"
     art_path, last = art_dir / "identifiers.pt", art_dir / "tokenizer" / "last.ckpt"
     assert art_path.is_file() and last.is_file()
     stats = json.loads((art_dir / "identifier_stats.json").read_text())["metrics"]
@@ -83,9 +83,9 @@ def test_irgen_experiments_use_the_paper_protocol_and_share_the_tokenizer_config
     assert cfg.protocol.name == "closed_set"
     assert cfg.irgen.tokenizer._target_ == "irgen.tokenizer.IRGenTokenizer"
     assert cfg.irgen.stage == "all" and cfg.irgen.rebuild is False
-    assert cfg.irgen.artifact_dir.endswith("irgen_artifacts/digit_pairs_closed_set")
+    assert cfg.irgen.artifact_dir.endswith("irgen_artifacts/digit_pairs_closed_set_seed42")
     zero = compose_config(["experiment=digits_irgen", "protocol=zero_shot"], output_dir=tmp_path)
-    assert zero.irgen.artifact_dir.endswith("irgen_artifacts/digit_pairs_zero_shot")
+    assert zero.irgen.artifact_dir.endswith("irgen_artifacts/digit_pairs_zero_shot_seed42")
 
 
 def test_tiny_dataset_reduces_codes_or_says_what_to_change(fake_data_dir, tmp_path, caplog):
@@ -100,13 +100,13 @@ def test_tiny_dataset_reduces_codes_or_says_what_to_change(fake_data_dir, tmp_pa
         metrics = run(compose_config(tiny + ["irgen.tokenizer.min_points_per_code=1"], output_dir=tmp_path))
     assert "reducing num_codes to 10" in caplog.text
     assert metrics["tokenizer/codes_per_level"] == 10 and metrics["tokenizer/images"] == 12
-    artifact = torch.load(tmp_path / "logs" / "irgen_artifacts" / "isc_closed_set" / "identifiers.pt",
+    artifact = torch.load(tmp_path / "logs" / "irgen_artifacts" / "isc_closed_set_seed42" / "identifiers.pt",
                           weights_only=True)
     assert artifact["codebooks"].shape[:2] == (4, 10) and artifact["codes"].shape == (12, 4)
 
     # interrupted after training (artifact never written): the next run resumes from last.ckpt, no retraining,
     # and encodes the same identifiers; another config may not resume it
-    art_dir = tmp_path / "logs" / "irgen_artifacts" / "isc_closed_set"
+    art_dir = tmp_path / "logs" / "irgen_artifacts" / "isc_closed_set_seed42"
     (art_dir / "identifiers.pt").unlink()
     stamp = (art_dir / "tokenizer" / "last.ckpt").stat().st_mtime_ns
     caplog.clear()
@@ -135,7 +135,7 @@ def test_tokenizer_encodes_identifiers_with_the_selected_checkpoint(tmp_path):
         cfg.callbacks["scramble"] = {"_target_": f"{__name__}.ScrambleEncoderAtTrainEnd"}
     run(cfg)
     dm = build_datamodule(cfg)
-    artifact = load_artifact(tmp_path / "logs" / "irgen_artifacts" / "digits_closed_set" / "identifiers.pt",
+    artifact = load_artifact(tmp_path / "logs" / "irgen_artifacts" / "digits_closed_set_seed42" / "identifiers.pt",
                              expected=artifact_expectation(cfg, dm))
     chosen = artifact.meta["checkpoint"]
     assert artifact.meta["checkpoint_selection"] == "best val/R@1" and not chosen.endswith("last.ckpt")
@@ -174,5 +174,5 @@ def test_debug_fast_limits_every_stage_and_leaves_no_real_artifact(tmp_path):
     metrics = run(cfg)
     assert "test/R@1" in metrics
     artifacts = tmp_path / "logs" / "irgen_artifacts"
-    assert sorted(p.name for p in artifacts.iterdir()) == ["digits_closed_set_debug"]
+    assert sorted(p.name for p in artifacts.iterdir()) == ["digits_closed_set_seed42_debug"]
     run(cfg)  # a second smoke test with the same folder rebuilds instead of refusing or reusing

@@ -94,14 +94,20 @@ def test_readme_command_runs_as_written(command, fresh_folder):
         return
     assert "run folder:" in proc.stdout, proc.stdout[-2000:]
     if "-m" in args:
-        check_sweep(fresh_folder, proc.stdout)
+        check_sweep(fresh_folder, proc.stdout, args)
 
 
-def check_sweep(folder, stdout: str) -> None:
+def check_sweep(folder, stdout: str, args: list[str]) -> None:
     """The multirun ends with a leaderboard: jobs differing only in seed averaged, with provenance."""
-    sweep = max((folder / "logs" / "train" / "multiruns").iterdir())
+    sweep = max((folder / "logs" / "train" / "multiruns").iterdir(), key=lambda p: p.stat().st_mtime)
     rows = list(csv.DictReader((sweep / "leaderboard.csv").open()))
-    assert len(rows) == 2 and all(r["seeds"] == "2" and r["status"] == "ok" for r in rows), rows
+    swept = {a.split("=")[0]: len(a.split("=", 1)[1].split(",")) for a in args if "," in a and "=" in a}
+    seeds = swept.pop("seed", 1)
+    expected_rows = 1
+    for values in swept.values():
+        expected_rows *= values
+    assert len(rows) == expected_rows, rows
+    assert all(r["seeds"] == str(seeds) and r["status"] == "ok" for r in rows), rows
     assert all("seed" not in r["row"] for r in rows) and float(rows[0]["R@1_mean"]) >= 0
     assert (sweep / "leaderboard.png").is_file() and "leaderboard" in stdout
     provenance = json.loads((sweep / "0" / "metrics.json").read_text())["provenance"]

@@ -1,0 +1,84 @@
+"""`python eval.py ckpt_path=<checkpoint>` with nothing else: the config of the run that wrote the checkpoint.
+
+A checkpoint in ``<run>/checkpoints/`` finds its run's Hydra record (``<run>/.hydra/overrides.yaml`` and the
+experiment chosen in ``<run>/.hydra/hydra.yaml``); a checkpoint in a folder of its own (an IRGen stage folder)
+finds ``run_overrides.yaml`` beside it, written by the stage. `eval.py` composes its config again from those
+overrides followed by the ones typed now (which therefore win), so the method, dataset, protocol and model are
+the training run's without being retyped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+RUN_OVERRIDES = "run_overrides.yaml"
+# training-only overrides that mean nothing (or something else) to an evaluation
+DROPPED = ("hydra.", "ckpt_path=", "irgen.stage=", "irgen.rebuild=", "+hydra")
+
+
+def current_run_overrides() -> list[str]:
+    """This Hydra run's experiment choice and command-line overrides ([] outside a Hydra run)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return []
+    task = list(hc.overrides.task)
+    experiment = hc.runtime.choices.get("experiment")
+    chosen = [f"experiment={experiment}"] if experiment and not any(o.startswith("experiment=") for o in task) else []
+    return chosen + task
+
+
+def write_run_overrides(folder: Path) -> None:
+    """Record this run's overrides in `folder` (a stage folder whose checkpoints eval.py may be given alone)."""
+    overrides = current_run_overrides()
+    if overrides:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(overrides), Path(folder) / RUN_OVERRIDES)
+
+
+def checkpoint_run_overrides(ckpt: str | Path) -> list[str] | None:
+    """The overrides of the run that wrote `ckpt` (training-only ones dropped), or None when none are recorded."""
+    ckpt = Path(ckpt).expanduser()
+    beside = ckpt.parent / RUN_OVERRIDES
+    hydra_dir = ckpt.parent.parent / ".hydra"
+    if beside.is_file():
+        overrides = list(OmegaConf.load(beside))
+    elif (hydra_dir / "overrides.yaml").is_file():
+        overrides = list(OmegaConf.load(hydra_dir / "overrides.yaml"))
+        hydra_yaml = hydra_dir / "hydra.yaml"
+        experiment = OmegaConf.select(OmegaConf.load(hydra_yaml), "hydra.runtime.choices.experiment") \
+            if hydra_yaml.is_file() else None
+        if experiment and not any(o.startswith("experiment=") for o in overrides):
+            overrides.insert(0, f"experiment={experiment}")
+    else:
+        return None
+    return [str(o) for o in overrides if not str(o).startswith(DROPPED)]
+
+
+# typed overrides that choose the model or data themselves: the user said what to evaluate it as
+CHOOSES = ("experiment=", "model=", "dataset=", "method=", "protocol=")
+
+
+def with_checkpoint_run_config(cfg, config_name: str = "eval"):
+    """`cfg`, or -- when ``ckpt_path`` names a checkpoint whose run is recorded and the command line chose no
+    experiment/model/dataset itself -- the config composed from that run's overrides plus the typed ones."""
+    import logging
+
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    from irlab.paths import expand_path
+
+    ckpt = cfg.get("ckpt_path")
+    typed = list(HydraConfig.get().overrides.task)
+    if not ckpt or any(o.startswith(CHOOSES) for o in typed) or not expand_path(str(ckpt)).is_file():
+        return cfg
+    saved = checkpoint_run_overrides(expand_path(str(ckpt)))
+    if not saved:
+        return cfg
+    logging.getLogger(__name__).info(f"evaluating with the overrides of the run that wrote {ckpt}: {saved}")
+    return compose(config_name=config_name, overrides=[*saved, *typed])
