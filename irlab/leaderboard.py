@@ -118,14 +118,15 @@ def print_leaderboard(rows: list[dict[str, Any]], title: str) -> None:
 
     names = list(dict.fromkeys(n for r in rows for n in r["metrics"]))
     table = Table(title=title)
-    table.add_column("row", overflow="fold")
+    table.add_column("row", no_wrap=True)
     for n in names:
-        table.add_column(n, justify="right")
+        table.add_column(n, justify="right", no_wrap=True)
     table.add_column("wall s", justify="right")
     table.add_column("seeds", justify="right")
     for r in rows:
         cells = [f"{r['metrics'][n][0]:.3f}±{r['metrics'][n][1]:.3f}" if n in r["metrics"] else "-" for n in names]
         wall = f"{r['wall_seconds']:.0f}" if r["wall_seconds"] is not None else "-"
         seeds = str(r["seeds"]) if r["status"] == "ok" else f"{r['seeds']} ({r['status']})"
-        table.add_row(r["name"], *cells, wall, seeds)
-    Console().print(table)
+        table.add_row(r["name"].replace("experiment=", ""), *cells, wall, seeds)
+    # wide enough for every column: a terminal (or a log file) of 80 columns would fold names into 7-letter slices
+    Console(width=max(120, 24 + 14 * (len(names) + 2) + max((len(r["name"]) for r in rows), default=0))).print(table)
