@@ -45,7 +45,8 @@ fi
 export WANDB_MODE=offline HYDRA_FULL_ERROR=1 IRLAB_LOG_DIR="$WORK/logs"
 
 if [[ $DRY == 1 ]]; then
-  GPU_TRAINER=trainer=cpu; DDP_TRAINER="trainer=ddp_cpu trainer.devices=1"; DEVICE=cpu; BF16=""; TOY="--toy"
+  GPU_TRAINER=trainer=cpu; DDP_TRAINER="trainer=ddp_cpu trainer.devices=1"; DEVICE=cpu; BF16=""
+  TOY="--toy --steps 2 --rounds 1"
   AREIR_SIZE="--members 2 --meta-classes 4 --size 32 --batch 2 --rounds 1 --iters 1"
   BEAM_SIZE="--sizes 1000 4000 --width 32 --layers 1 --heads 2 --beam 4 --queries 2 --memory-tokens 5 --dim 16 --repeats 1"
 else

@@ -2,6 +2,7 @@
 
     python bench/method_claims.py                        # IRGen and AREIR, seeds 1 2 3 (~40 min on 2 cores)
     python bench/method_claims.py --only irgen --seeds 1
+    python bench/method_claims.py --seeds 1 --overrides debug=fast    # smoke test of the script itself
 
 Test metrics, mean +- std over the seeds; every checkpoint is selected on validation data, the test split is
 evaluated once per run and never selected on.
@@ -44,13 +45,14 @@ def summary(values: list[float]) -> str:
     return f"{v.mean():.3f} +- {v.std():.3f}"
 
 
-def irgen_rows(seeds: list[int], tmp: Path) -> None:
+def irgen_rows(seeds: list[int], tmp: Path, extra: list[str]) -> None:
     rows: dict[str, dict[str, list[float]]] = {"generative (paper)": {}, "generative + rerank": {}, "kNN": {}}
     stats: dict[str, list[float]] = {"wall s": []}
     ks: list[int] = []
     for seed in seeds:
         art = tmp / f"irgen_s{seed}"
-        m = run_preset(["experiment=digits_irgen", f"seed={seed}", f"irgen.artifact_dir={art}"], tmp / f"irg{seed}")
+        m = run_preset(["experiment=digits_irgen", f"seed={seed}", f"irgen.artifact_dir={art}", *extra],
+                       tmp / f"irg{seed}")
         ks = sorted(int(k.split("@")[1]) for k in m if k.startswith("test/knn/P@") and "_" not in k)
         for name, prefix in zip(rows, ("test/", "test/rerank/", "test/knn/"), strict=True):
             for k in ks:
@@ -71,17 +73,17 @@ def irgen_rows(seeds: list[int], tmp: Path) -> None:
         print(f"{name}: {summary(values)}")
 
 
-def areir_rows(seeds: list[int], tmp: Path) -> None:
+def areir_rows(seeds: list[int], tmp: Path, extra: list[str]) -> None:
     variants = {
         "AREIR ensemble": ["experiment=digits_areir"],
-        "one member (E=1)": ["experiment=digits_areir", "model.members=1"],
+        "one member (E=1)": ["experiment=digits_areir", "model.members=1", "model.assignment=random"],
         "plain classifier": ["experiment=digits_areir", "model.members=1", "model.meta_classes=40"],
         "baseline": ["experiment=digits_baseline"],
     }
     rows: dict[str, dict[str, list[float]]] = {name: {"R@1": [], "MAP@R": []} for name in variants}
     for seed in seeds:
         for name, overrides in variants.items():
-            m = run_preset([*overrides, f"seed={seed}"], tmp / f"{name.split()[0]}_{len(overrides)}_s{seed}")
+            m = run_preset([*overrides, f"seed={seed}", *extra], tmp / f"{name.split()[0]}_{len(overrides)}_s{seed}")
             for c in rows[name]:
                 rows[name][c].append(m[f"test/{c}"])
     print(f"\nAREIR, digits_areir (zero-shot), test, seeds {seeds}")
@@ -94,6 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--only", choices=["irgen", "areir"], default=None)
+    parser.add_argument("--overrides", nargs="*", default=[], help="extra config overrides for every run")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning").setLevel(logging.ERROR)
@@ -101,9 +104,9 @@ def main() -> None:
     print(f"load average at start {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "irgen"):
-            irgen_rows(args.seeds, Path(tmp))
+            irgen_rows(args.seeds, Path(tmp), args.overrides)
         if args.only in (None, "areir"):
-            areir_rows(args.seeds, Path(tmp))
+            areir_rows(args.seeds, Path(tmp), args.overrides)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 

@@ -152,7 +152,7 @@ def build_stage_trainer(cfg: DictConfig, stage: str, ckpt_dir: Path, monitor: st
     resumable = not cfg.get("debug_run")  # debug=fast writes no full training state (conf/debug/fast.yaml)
     if resumable and not any(isinstance(c, ModelCheckpoint) and c.monitor is None for c in callbacks):
         callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,  # resume needs it
-                                         enable_version_counter=False))
+                                         enable_version_counter=False, save_on_train_epoch_end=True))
     return build_trainer(cfg, trainer_cfg=stage_trainer_config(cfg, stage), callbacks=callbacks)
 
 

@@ -147,7 +147,7 @@ def test_bad_identifiers_are_clear_errors(codes):
 
 PIPELINE_FAST = [
     "experiment=digits_irgen", "dataset=digits", "irgen.tokenizer.encoder.arch=vit_tiny", "trainer.accelerator=cpu",
-    "trainer.max_epochs=1", "++trainer.limit_train_batches=2",
+    "trainer.max_epochs=1", "trainer.check_val_every_n_epoch=1", "++trainer.limit_train_batches=2",
     "callbacks.model_summary=null", "irgen.tokenizer.num_codes=8", "irgen.tokenizer.kmeans_niter=5",
     "irgen.generator.width=32", "irgen.generator.layers=1", "irgen.generator.heads=2",
     "irgen.stage_trainer.generator.max_epochs=1", "irgen.stage_trainer.generator.check_val_every_n_epoch=1",

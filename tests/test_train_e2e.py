@@ -65,7 +65,9 @@ def test_cli_train_then_eval_from_the_checkpoint_alone(tmp_path):
 
 
 def test_last_ckpt_is_the_final_epoch_and_the_selected_model_is_weights_only(tmp_path):
-    cfg = compose_config(FAST + ["dataset=digits", "trainer.max_epochs=3", "seed=3"], output_dir=tmp_path)
+    cfg = compose_config(["trainer.accelerator=cpu", "model.arch=resnet18", "dataset.batch_size=16", "dataset=digits",
+                          "trainer.max_epochs=3", "trainer.limit_train_batches=2", "trainer.limit_val_batches=2",
+                          "trainer.limit_test_batches=2", "seed=3"], output_dir=tmp_path)
     run(cfg)
     folder = tmp_path / "checkpoints"
     last = torch.load(folder / "last.ckpt", weights_only=True)
