@@ -9,6 +9,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
+import irlab.wait_policy  # noqa: F401 - first, before torch loads (OpenMP threads sleep when waiting)
 from irlab.run_config import with_checkpoint_run_config
 from irlab.train import run
 

@@ -7,6 +7,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+import irlab.wait_policy  # noqa: F401 - first, before torch loads (OpenMP threads sleep when waiting)
 from irlab.cli import require_plugins
 from irlab.train import run
 
