@@ -167,10 +167,24 @@ class EnsembleMembers(nn.Module):
             x = checkpoint_once(self, block, x, stacked) if ckpt else block(x, stacked)
         if self.pool_grid == 1:
             return self.fc(x.mean((2, 3)), stacked)
-        cells = F.adaptive_avg_pool2d(x, self.pool_grid)  # [B, (E*)C, g, g]
-        if stacked:  # member-major channels: [B, E, C*g*g], flattened per member as in the single-member path
-            cells = cells.reshape(len(cells), self.members, -1)
-        return self.fc(cells.flatten(1), stacked)
+        return member_cells_logits(self.fc, F.adaptive_avg_pool2d(x, self.pool_grid), self.members, stacked)
+
+
+def member_cells_logits(fc: EnsembleLinear, cells: torch.Tensor, members: int, stacked: bool) -> torch.Tensor:
+    """Pooled cells [B, (E*)C, g, g] -> classifier logits. Stacked channels are member-major, so each member's
+    cells are flattened (channels, then cells) exactly as in the single-member path."""
+    if stacked:
+        cells = cells.reshape(len(cells), members, -1)
+    return fc(cells.flatten(1), stacked)
+
+
+@torch.no_grad()
+def default_linear_init(t: torch.Tensor, members: int, bias_fan_in: int) -> None:
+    """A stacked SE or classifier tensor, member by member, with PyTorch's default Linear initialisation."""
+    for chunk in split_members(t, members):
+        fan_in = chunk.shape[-1] if t.dim() > 1 else bias_fan_in
+        bound = 1.0 / math.sqrt(fan_in)
+        chunk.uniform_(-bound, bound)
 
 
 def _out_channels(layer: nn.Sequential) -> int:
@@ -270,10 +284,7 @@ class AREIRNet(nn.Module):
                 if name.startswith(("layer2", "layer3", "layer4")) and not name.endswith("num_batches_tracked"):
                     split_members(t, self.num_members)[e].copy_(state[name])
         for t in [p for n, p in self.members.named_parameters() if n.startswith(("se.", "fc."))]:
-            for chunk in split_members(t, self.num_members):
-                fan_in = chunk.shape[-1] if t.dim() > 1 else self.members.fc.in_features
-                bound = 1.0 / math.sqrt(fan_in)
-                chunk.uniform_(-bound, bound)
+            default_linear_init(t, self.num_members, self.members.fc.in_features)
 
     # ---- forward ----------------------------------------------------------------------------------------
     def branch_weights(self, device: torch.device) -> torch.Tensor | None:

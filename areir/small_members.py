@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from areir.model import EnsembleConv, EnsembleLinear, EnsembleSE, checkpoint_once, member_bn, split_members
+from areir.model import (
+    EnsembleConv,
+    EnsembleLinear,
+    EnsembleSE,
+    checkpoint_once,
+    default_linear_init,
+    member_bn,
+    member_cells_logits,
+    split_members,
+)
 
 STEM_WIDTHS = (32, 32, 64, 64)  # small_cnn_trunk's first four layers, a 2x2 max pooling after the 2nd and 4th
 MEMBER_WIDTHS = (128, 128)
@@ -69,18 +78,14 @@ class SmallCNNMembers(nn.Module):
     def forward(self, x: torch.Tensor, stacked: bool, ckpt: bool = False) -> torch.Tensor:
         for _, block in self.blocks():
             x = checkpoint_once(self, block, x, stacked) if ckpt else block(x, stacked)
-        cells = F.adaptive_max_pool2d(x, POOL)  # [B, (E*)C, 4, 4]
-        if stacked:  # member-major channels: [B, E, C*16], each member flattened as in the single-member path
-            cells = cells.reshape(len(cells), self.members, -1)
-        return self.fc(cells.flatten(1), stacked)
+        return member_cells_logits(self.fc, F.adaptive_max_pool2d(x, POOL), self.members, stacked)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Every member like a fresh PyTorch layer: convs and linear layers with their default initialisation."""
-        for name, t in self.named_parameters():
-            for chunk in split_members(t, self.members):
-                if name.endswith("conv.weight"):
+        for name, t in self.named_parameters():  # in parameter order (the seeded initialisation depends on it)
+            if name.endswith("conv.weight"):
+                for chunk in split_members(t, self.members):
                     nn.init.kaiming_uniform_(chunk, a=math.sqrt(5))
-                elif not name.startswith("block"):  # SE and classifier (weights and biases)
-                    fan_in = chunk.shape[-1] if t.dim() > 1 else self.fc.in_features
-                    chunk.uniform_(-1.0 / math.sqrt(fan_in), 1.0 / math.sqrt(fan_in))
+            elif not name.startswith("block"):  # SE and classifier (weights and biases)
+                default_linear_init(t, self.members, self.fc.in_features)

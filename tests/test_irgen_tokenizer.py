@@ -335,4 +335,4 @@ def test_small_cnn_encoder_tokens_and_refuses_pretrained():
     assert torch.allclose(encoder.global_feature(torch.zeros(1, 3, 32, 32)),
                           encoder.pool(encoder.cells(torch.zeros(1, 3, 32, 32))))
     with pytest.raises(ValueError, match="irgen.tokenizer.encoder.pretrained=false"):
-        build_encoder("cnn_small", pretrained=True)
+        build_encoder("cnn_small", pretrained="local_weights.pth")  # refused before any file is read
