@@ -113,8 +113,6 @@ class IRGenGenerator(RetrievalModule):
         self._targets: torch.Tensor | None = None
         self._trie: IdentifierTrie | None = None
         self._query_mask: torch.Tensor | None = None
-        self._beam_chunks: list[tuple[torch.Tensor, ...]] = []
-        self._beams: dict[str, np.ndarray] = {}
 
     # ---- identifiers -------------------------------------------------------------------------------------
     def set_identifiers(self, codes: torch.Tensor | np.ndarray) -> None:
@@ -210,65 +208,41 @@ class IRGenGenerator(RetrievalModule):
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def _start_eval(self, stage: str) -> None:
-        self._eval_chunks, self._beam_chunks, self._beams = [], [], {}
         eval_set = self.trainer.datamodule.eval_set(stage)
         gallery_codes = self._record_codes(eval_set.record_ids[eval_set.gallery_mask])
         self._trie = IdentifierTrie.build(gallery_codes, self.hparams.codebook_size).to(self.device)
         self._query_mask = torch.from_numpy(eval_set.query_mask).to(self.device)
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._start_eval("val")
 
     def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
         self._start_eval("test")
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def evaluation_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Each image is encoded once: ``embedding`` (global token, for the kNN and rerank rows), and for the
+        query images their beams, ``leaves`` (trie leaf of each beam, -1 for non-queries) and ``scores``
+        (log-probabilities); with ``exhaustive``, the score of every gallery identifier."""
         index = batch["index"]
         tokens = self.encoder(batch["image"])
-        self._eval_chunks.append((index.detach(), F.normalize(tokens[:, 0].float(), dim=-1).detach()))
         n, beams = len(index), self.hparams.beam_size
-        leaves = torch.full((n, beams), -1, dtype=torch.long, device=self.device)
-        scores = torch.full((n, beams), -torch.inf, device=self.device)
+        outputs = {"embedding": F.normalize(tokens[:, 0].float(), dim=-1),
+                   "leaves": torch.full((n, beams), -1, dtype=torch.long, device=self.device),
+                   "scores": torch.full((n, beams), -torch.inf, device=self.device)}
         is_query = self._query_mask[index]
-        chunk = [index.detach()]
         if is_query.any():
-            leaves[is_query], scores[is_query] = beam_search(self.decoder, tokens[is_query], self._trie, beams)
-        chunk += [leaves, scores]
+            outputs["leaves"][is_query], outputs["scores"][is_query] = beam_search(
+                self.decoder, tokens[is_query], self._trie, beams)
         if self.hparams.exhaustive:
-            full = torch.full((n, self._trie.num_leaves), -torch.inf, device=self.device)
+            outputs["exhaustive"] = torch.full((n, self._trie.num_leaves), -torch.inf, device=self.device)
             if is_query.any():
-                full[is_query] = score_all_identifiers(self.decoder, tokens[is_query], self._trie.leaf_codes)
-            chunk.append(full)
-        self._beam_chunks.append(tuple(chunk))
+                outputs["exhaustive"][is_query] = score_all_identifiers(self.decoder, tokens[is_query],
+                                                                        self._trie.leaf_codes)
+        return outputs
 
-    test_step = validation_step
-
-    def _gather_beams(self, n_items: int) -> None:
-        """Beam results of every rank into eval-set order (same scheme as the embeddings: positions de-dup)."""
-        if not self._beam_chunks:
-            raise RuntimeError("evaluation produced no beams: is the evaluation dataloader empty?")
-        parts = [torch.cat([c[i] for c in self._beam_chunks]) for i in range(len(self._beam_chunks[0]))]
-        self._beam_chunks = []
-        if self.trainer.world_size > 1:
-            parts = [self.all_gather(p).flatten(0, 1) for p in parts]
-        index = parts[0].cpu().numpy()
-        names = ["leaves", "scores", "exhaustive"][: len(parts) - 1]
-        for name, part in zip(names, parts[1:], strict=True):
-            full = np.full((n_items, part.shape[1]), -1 if name == "leaves" else -np.inf,
-                           dtype=np.int64 if name == "leaves" else np.float32)
-            full[index] = part.float().cpu().numpy() if name != "leaves" else part.cpu().numpy()
-            self._beams[name] = full
-
-    def on_validation_epoch_end(self) -> None:
-        if not self.trainer.sanity_checking:
-            self._gather_beams(len(self.trainer.datamodule.eval_set("val")))
-        super().on_validation_epoch_end()
-
-    def on_test_epoch_end(self) -> None:
-        self._gather_beams(len(self.trainer.datamodule.eval_set("test")))
-        super().on_test_epoch_end()
-
-    def rank_gallery(self, stage: str, embeddings: np.ndarray, eval_set) -> RetrievalReport:
+    def rank_gallery(self, stage: str, outputs: dict[str, np.ndarray], eval_set) -> RetrievalReport:
         """Three rankings of the same queries, logged side by side (see the module docstring):
 
         * ``<metric>`` -- generative retrieval as the paper ranks it: beam order, the images of one identifier
@@ -281,19 +255,13 @@ class IRGenGenerator(RetrievalModule):
         ``eval_set`` may be a subset of the stage's set (limited loaders): beams were searched against the full
         gallery's trie, so images outside the evaluated subset are dropped from the rankings.
         """
-        full = self.trainer.datamodule.eval_set(stage)
-        pos = np.searchsorted(full.record_ids, eval_set.record_ids)  # record_ids are sorted and unique
-        full_gallery_row = np.full(len(full), -1, dtype=np.int64)
-        full_gallery_row[full.gallery_positions] = np.arange(len(full.gallery_positions))
-        sub_of_full = np.full(len(full.gallery_positions), -1, dtype=np.int64)  # full gallery row -> subset row
-        sub_of_full[full_gallery_row[pos[eval_set.gallery_mask]]] = np.arange(int(eval_set.gallery_mask.sum()))
-        query_features = embeddings[eval_set.query_mask]
-        gallery_features = embeddings[eval_set.gallery_mask]
-        query_pos = pos[eval_set.query_mask]
+        sub_of_full = self._trie_item_to_subset_row(stage, eval_set)
+        query_features = outputs["embedding"][eval_set.query_mask]
+        gallery_features = outputs["embedding"][eval_set.gallery_mask]
         q_labels, g_labels = eval_set.labels[eval_set.query_mask], eval_set.labels[eval_set.gallery_mask]
         exclude = eval_set.self_exclusion()
         spare = 1 if (exclude >= 0).any() else 0  # the query itself may take a slot before it is removed
-        leaves, scores = self._beams["leaves"][query_pos], self._beams["scores"][query_pos]
+        leaves, scores = outputs["leaves"][eval_set.query_mask], outputs["scores"][eval_set.query_mask]
 
         def expanded(leaves: np.ndarray, scores: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
             nb, sc = expand_identifiers(leaves, scores, self._trie, depth)
@@ -307,15 +275,29 @@ class IRGenGenerator(RetrievalModule):
         candidates, _ = expanded(leaves, scores, self.hparams.max_rank + spare)
         reranked = evaluate(*rerank_by_similarity(candidates, query_features, gallery_features), None)
         report.metrics.update({f"rerank/{k}": v for k, v in reranked.metrics.items()})
-        knn = super().rank_gallery(stage, embeddings, eval_set)
+        knn = super().rank_gallery(stage, outputs, eval_set)
         report.metrics.update({f"knn/{k}": v for k, v in knn.metrics.items()})
         report.other_curves = {RANKING_ROWS["rerank"]: reranked.pr_curve, RANKING_ROWS["knn"]: knn.pr_curve}
         report.curve_label = RANKING_ROWS[""]
         report.score_name = "log-probability of the image's identifier (beam search)"
-        if "exhaustive" in self._beams:
-            all_leaves, all_scores = rank_identifiers(self._beams["exhaustive"][query_pos])
-            exhaustive = evaluate(*expanded(all_leaves, all_scores, len(full.gallery_positions)), None)
+        if "exhaustive" in outputs:
+            all_leaves, all_scores = rank_identifiers(outputs["exhaustive"][eval_set.query_mask])
+            exhaustive = evaluate(*expanded(all_leaves, all_scores, len(sub_of_full)), None)
             report.metrics.update({f"exhaustive/{k}": v for k, v in exhaustive.metrics.items()})
         report.metrics["identifiers"] = float(self._trie.num_leaves)
         report.metrics["images_per_identifier"] = self._trie.num_items / max(1, self._trie.num_leaves)
         return report
+
+    def _trie_item_to_subset_row(self, stage: str, eval_set) -> np.ndarray:
+        """Trie items are the rows of the stage's full gallery; map each to its row in ``eval_set``'s gallery
+        (-1 where a limited loader left it out). The identity when the whole set was evaluated."""
+        full = self.trainer.datamodule.eval_set(stage)
+        n_full = len(full.gallery_positions)
+        if len(eval_set) == len(full):
+            return np.arange(n_full)
+        pos = np.searchsorted(full.record_ids, eval_set.record_ids)  # record_ids are sorted and unique
+        full_gallery_row = np.full(len(full), -1, dtype=np.int64)
+        full_gallery_row[full.gallery_positions] = np.arange(n_full)
+        subset_row = np.full(n_full, -1, dtype=np.int64)
+        subset_row[full_gallery_row[pos[eval_set.gallery_mask]]] = np.arange(int(eval_set.gallery_mask.sum()))
+        return subset_row

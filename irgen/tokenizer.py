@@ -118,12 +118,15 @@ class IRGenTokenizer(RetrievalModule):
         return self.quantizer.encode(self.features(images))
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """[raw feature | normalised full reconstruction]; `rank_gallery` evaluates each half separately."""
-        z = self.features(images)
+        """The raw (unquantized) feature; evaluation also scores its quantized reconstruction."""
+        return self.features(images)
+
+    def evaluation_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """``embedding``: the raw feature; ``quantized``: the normalised full reconstruction (the reported row)."""
+        z = self.features(batch["image"]).float()
         if not bool(self.quantizer.initialized):  # e.g. a sanity check before the k-means initialisation
-            return torch.cat([z, z], dim=-1)
-        recon = F.normalize(self.quantizer(z).partials[:, -1], dim=-1)
-        return torch.cat([z, recon], dim=-1)
+            return {"embedding": z, "quantized": z}
+        return {"embedding": z, "quantized": F.normalize(self.quantizer(z).partials[:, -1], dim=-1)}
 
     # ---- training -------------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -211,18 +214,17 @@ class IRGenTokenizer(RetrievalModule):
             self._refit("epoch end, no validation")  # epochs without validation still re-fit
 
     # ---- evaluation -----------------------------------------------------------------------------------
-    def rank_gallery(self, stage: str, embeddings: np.ndarray, eval_set) -> RetrievalReport:
+    def rank_gallery(self, stage: str, outputs: dict[str, np.ndarray], eval_set) -> RetrievalReport:
         """Quantized-feature retrieval is the reported one (``R@1``); the raw feature's is ``raw_R@1``."""
-        dim = embeddings.shape[1] // 2
         q, g = eval_set.query_mask, eval_set.gallery_mask
         reports = {}
-        for name, part in (("raw", embeddings[:, :dim]), ("quantized", embeddings[:, dim:])):
+        for name, part in (("raw", outputs["embedding"]), ("quantized", outputs["quantized"])):
             reports[name] = evaluate_embeddings(part[q], part[g], eval_set.labels[q], eval_set.labels[g],
                                                 exclude=eval_set.self_exclusion(), ks=self.eval_ks, normalize=True)
         report = reports["quantized"]
         report.metrics = {**report.metrics, **{f"raw_{k}": v for k, v in reports["raw"].metrics.items()}}
         if bool(self.quantizer.initialized):  # codebook usage for callbacks.identifier_stats (W&B histograms)
-            self.identifier_stats = self.code_usage(torch.from_numpy(embeddings[:, :dim]).to(self.device))
+            self.identifier_stats = self.code_usage(torch.from_numpy(outputs["embedding"]).to(self.device))
         return report
 
     @torch.no_grad()

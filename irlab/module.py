@@ -1,10 +1,11 @@
 """LightningModule base for every retrieval model: embed, gather across ranks, evaluate, log.
 
-A model subclass implements `embed(images) -> [B, d]` (and `training_step`). Validation and test then work the
-same for every method: each rank embeds its share of the evaluated set, embeddings are gathered *with their
-dataset positions* (the distributed sampler pads with duplicates, so positions de-duplicate them), rank 0 runs
-the exact kNN search and metrics, and the numbers are broadcast so that every rank logs the same values.
-Methods that rank differently (IRGen's beam search) override `rank_gallery`.
+The evaluation contract: per evaluated image a model returns named outputs (`evaluation_outputs`, default
+``{"embedding": L2-normalised embed(images)}``; IRGen's generator adds its beams ``leaves``/``scores``). The
+shared loop collects them with the images' dataset positions, gathers them from every rank (the distributed
+sampler pads with duplicates, so positions de-duplicate them), and rank 0 hands them, in eval-set order, to
+`rank_gallery` -- exact kNN over ``embedding`` by default, a method's own ranking where it overrides it. The
+metrics are broadcast so that every rank logs the same values.
 """
 
 from __future__ import annotations
@@ -41,13 +42,14 @@ class EvalResult:
 
 
 class RetrievalModule(L.LightningModule):
-    """Shared validation/test loop. Subclasses: `embed`, `training_step`, `configure_optimizers`."""
+    """Shared validation/test loop. Subclasses: `embed` and `training_step`; `evaluation_outputs` and `rank_gallery`
+    where a method ranks by more than an embedding."""
 
     eval_ks: tuple[int, ...] = (1, 2, 4, 8)
 
     def __init__(self) -> None:
         super().__init__()
-        self._eval_chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._eval_outputs: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         self.last_eval: EvalResult | None = None
 
     # ---- to implement ---------------------------------------------------------------------------------
@@ -65,14 +67,19 @@ class RetrievalModule(L.LightningModule):
             set_rng_states(checkpoint["rng_states"])
 
     # ---- evaluation -----------------------------------------------------------------------------------
+    def evaluation_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Named per-image outputs of an evaluation batch (first dimension: the batch), handed to `rank_gallery`
+        in eval-set order. Methods that rank by more than an embedding add their own (IRGen: beams)."""
+        return {"embedding": F.normalize(self.embed(batch["image"]).float(), dim=-1)}
+
     def on_validation_epoch_start(self) -> None:
-        self._eval_chunks = []
+        self._eval_outputs = []
 
     on_test_epoch_start = on_validation_epoch_start
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        embeddings = F.normalize(self.embed(batch["image"]).float(), dim=-1)
-        self._eval_chunks.append((batch["index"].detach(), embeddings.detach()))
+        outputs = {name: value.detach() for name, value in self.evaluation_outputs(batch).items()}
+        self._eval_outputs.append((batch["index"].detach(), outputs))
 
     test_step = validation_step
 
@@ -82,29 +89,39 @@ class RetrievalModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish_evaluation("test")
 
-    def _gathered_embeddings(self, n_items: int) -> tuple[np.ndarray, np.ndarray]:
-        """(embeddings [N, d] in set order, bool mask of positions seen), assembled from every rank.
+    def _gathered_outputs(self, n_items: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """({name: [N, ...] array in eval-set order}, bool mask of positions seen), assembled from every rank.
 
         Positions seen twice (sampler padding) carry identical values. Positions never seen only happen when
         the loader was limited (``limit_val_batches``); the caller then evaluates the seen subset.
         """
-        if not self._eval_chunks:
-            raise RuntimeError("evaluation produced no embeddings: is the evaluation dataloader empty?")
-        index = torch.cat([c[0] for c in self._eval_chunks])
-        emb = torch.cat([c[1] for c in self._eval_chunks])
-        self._eval_chunks = []
+        if not self._eval_outputs:
+            raise RuntimeError("evaluation produced no outputs: is the evaluation dataloader empty?")
+        chunks, self._eval_outputs = self._eval_outputs, []
+        index = torch.cat([c[0] for c in chunks])
         if self.trainer.world_size > 1:
             index = self.all_gather(index).reshape(-1)
-            emb = self.all_gather(emb).reshape(-1, emb.shape[-1])
-        out = torch.zeros(n_items, emb.shape[-1], dtype=torch.float32)
-        seen = torch.zeros(n_items, dtype=torch.bool)
-        index = index.cpu()
-        out[index] = emb.cpu()  # duplicates from sampler padding carry identical values
+        index = index.cpu().numpy()
+        seen = np.zeros(n_items, dtype=bool)
         seen[index] = True
-        return out.numpy(), seen.numpy()
+        gathered = {}
+        for name in chunks[0][1]:
+            value = torch.cat([c[1][name] for c in chunks])
+            if self.trainer.world_size > 1:
+                value = self.all_gather(value).flatten(0, 1)
+            value = value.cpu()
+            value = (value.float() if value.is_floating_point() else value).numpy()
+            full = np.zeros((n_items, *value.shape[1:]), dtype=value.dtype)
+            full[index] = value  # duplicates from sampler padding carry identical values
+            gathered[name] = full
+        return gathered, seen
 
-    def rank_gallery(self, stage: str, embeddings: np.ndarray, eval_set) -> RetrievalReport:
-        """Default retrieval: exact inner-product kNN of query embeddings against gallery embeddings."""
+    def rank_gallery(self, stage: str, outputs: dict[str, np.ndarray], eval_set) -> RetrievalReport:
+        """Default retrieval: exact inner-product kNN of the query embeddings against the gallery embeddings.
+
+        ``outputs`` are `evaluation_outputs` for every image of ``eval_set`` (in its order); ``eval_set`` may be
+        a subset of the stage's set when the loader was limited."""
+        embeddings = outputs["embedding"]
         return evaluate_embeddings(
             embeddings[eval_set.query_mask],
             embeddings[eval_set.gallery_mask],
@@ -116,23 +133,23 @@ class RetrievalModule(L.LightningModule):
 
     def _finish_evaluation(self, stage: str) -> None:
         if self.trainer.sanity_checking:
-            self._eval_chunks = []
+            self._eval_outputs = []
             return
         eval_set = self.trainer.datamodule.eval_set(stage)
-        embeddings, seen = self._gathered_embeddings(len(eval_set))
+        outputs, seen = self._gathered_outputs(len(eval_set))
         positions = None
         if not seen.all():
             log.warning(f"{stage}: evaluating {int(seen.sum())} of {len(eval_set)} images (limited loader)")
             positions = np.flatnonzero(seen)
-            eval_set, embeddings = eval_set.subset(positions), embeddings[seen]
+            eval_set, outputs = eval_set.subset(positions), {k: v[seen] for k, v in outputs.items()}
         metrics: dict[str, float] | None = None
         if self.trainer.is_global_zero:
             start = time.perf_counter()
-            report = self.rank_gallery(stage, embeddings, eval_set)
+            report = self.rank_gallery(stage, outputs, eval_set)
             metrics = {k: float(v) for k, v in report.metrics.items()}
             metrics["search_seconds"] = time.perf_counter() - start
             self.last_eval = EvalResult(
-                stage, report, embeddings, eval_set.query_positions, eval_set.gallery_positions, positions
+                stage, report, outputs["embedding"], eval_set.query_positions, eval_set.gallery_positions, positions
             )
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
         for key, value in metrics.items():

@@ -24,9 +24,9 @@ searched: list[int] = []  # number of embeddings handed to rank_gallery, one ent
 _rank_gallery = RetrievalModule.rank_gallery
 
 
-def _counting_rank_gallery(self, stage, embeddings, eval_set):
-    searched.append(len(embeddings))
-    return _rank_gallery(self, stage, embeddings, eval_set)
+def _counting_rank_gallery(self, stage, outputs, eval_set):
+    searched.append(len(outputs["embedding"]))
+    return _rank_gallery(self, stage, outputs, eval_set)
 
 
 RetrievalModule.rank_gallery = _counting_rank_gallery
