@@ -8,9 +8,9 @@ member. Retrieval uses the E L2-normalised member logit vectors, concatenated (E
     python train.py experiment=digits_areir                  # CPU demo on the embedded digits (~1-3 min)
     python train.py experiment=cub_areir trainer=gpu         # reference recipe (bf16-mixed, one 80 GB GPU)
     python train.py experiment=sop_areir trainer=ddp         # 8 GPUs, SyncBatchNorm
-    python -m areir.demo query=image.jpg ckpt_path=run/checkpoints/last.ckpt experiment=cub_areir top_k=8
+    python eval.py ckpt_path=run/checkpoints/epoch_XXX.ckpt query=image.jpg top_k=8   # retrieval grid
 
 Modules: `meta_classes` (partitions, collision counting, collision-free assignment), `model` (stem + stacked
-members, three equivalent member formulations), `module` (LightningModule, checkpointed assignment), `demo`.
+members, three equivalent member formulations), `module` (LightningModule, checkpointed assignment).
 Benchmarks: ``bench/areir_members.py`` (member formulations), ``bench/areir_ensemble_vs_single.py``.
 """

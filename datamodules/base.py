@@ -244,6 +244,28 @@ class RetrievalDataModule(L.LightningDataModule):
             ]
         )
 
+    @property
+    def num_records(self) -> int:
+        """Number of images of the dataset, every split (record ids are 0..num_records-1)."""
+        self._require_setup()
+        return len(self.records)
+
+    def record_labels(self, record_ids: np.ndarray | None = None) -> np.ndarray:
+        """Original class ids of `record_ids` (default: every record)."""
+        self._require_setup()
+        ids = np.arange(len(self.records)) if record_ids is None else np.asarray(record_ids)
+        return np.array([self.records[int(i)].label for i in ids], dtype=np.int64)
+
+    def record_dataset(self, record_ids: np.ndarray | None = None, transform=None) -> RecordDataset:
+        """Images `record_ids` (default: every record) with their original labels and the evaluation transform
+        (or `transform`): what a model embeds or tokenizes outside the training loop."""
+        ids = np.arange(self.num_records) if record_ids is None else np.asarray(record_ids, dtype=np.int64)
+        return RecordDataset(self, ids, self.record_labels(ids), transform or self.eval_transform())
+
+    def inference_loader(self, dataset: Dataset) -> DataLoader:
+        """An in-order loader over `dataset` at the evaluation batch size, with this dataset's workers."""
+        return DataLoader(dataset, batch_size=self.eval_batch_size, shuffle=False, **self._loader_kwargs())
+
     def train_dataset(self, transform=None) -> RecordDataset:
         self._require_setup()
         return RecordDataset(self, self.split.train_ids, self.train_labels, transform or self.train_transform())
@@ -273,8 +295,7 @@ class RetrievalDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, stage: str) -> DataLoader:
-        return DataLoader(self.eval_dataset(stage), batch_size=self.eval_batch_size, shuffle=False,
-                          **self._loader_kwargs())
+        return self.inference_loader(self.eval_dataset(stage))
 
     def _loader_kwargs(self) -> dict:
         return {

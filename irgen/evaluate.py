@@ -44,17 +44,23 @@ def load_generator(path: str | Path, cfg: DictConfig) -> IRGenGenerator:
     return model
 
 
-def evaluate_generator(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate the generator checkpoint ``ckpt_path`` on ``split`` (test by default); write and print metrics."""
+def load_trained_generator(cfg: DictConfig, datamodule) -> tuple[IRGenGenerator, str]:
+    """(the generator of ``ckpt_path``, its path), checked to hold identifiers for this run's dataset."""
     if not cfg.get("ckpt_path"):
         raise ValueError(f"ckpt_path is required: python eval.py experiment=<x>_irgen ckpt_path=<generator .ckpt>. "
                          f"{WHERE}")
-    L.seed_everything(cfg.seed, workers=True)
     ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     model = load_generator(ckpt, cfg)
-    datamodule = build_datamodule(cfg)
-    if model.codes.shape[0] != len(datamodule.records):
+    if model.codes.shape[0] != datamodule.num_records:
         raise CheckpointError(f"{ckpt} holds identifiers for {model.codes.shape[0]} images but {datamodule.name} "
-                              f"has {len(datamodule.records)}: it was trained on another dataset; pass the "
+                              f"has {datamodule.num_records}: it was trained on another dataset; pass the "
                               f"matching experiment= / dataset= overrides")
+    return model, ckpt
+
+
+def evaluate_generator(cfg: DictConfig) -> dict[str, float]:
+    """Evaluate the generator checkpoint ``ckpt_path`` on ``split`` (test by default); write and print metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    model, ckpt = load_trained_generator(cfg, datamodule)
     return evaluate_model(cfg, model, datamodule, ckpt, RANKING_ROWS)

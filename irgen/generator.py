@@ -36,6 +36,7 @@ from irgen.encoders import build_encoder_from_config
 from irgen.memory_cache import FrozenMemoryCache
 from irgen.ranking import expand_identifiers, rank_identifiers, rerank_by_similarity, score_all_identifiers
 from irgen.trie import IdentifierTrie, validate_codes
+from irlab.inference import evaluation_mode
 from irlab.module import RetrievalModule
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_rankings
@@ -148,9 +149,9 @@ class IRGenGenerator(RetrievalModule):
         if self.codes.shape[0] == 0:
             raise RuntimeError("the generator has no identifiers: call set_identifiers(artifact.codes) before "
                                "fit/validate/test (irgen.pipeline does this from the tokenizer artifact)")
-        if self.codes.shape[0] != len(dm.records):
+        if self.codes.shape[0] != dm.num_records:
             raise ValueError(f"the generator holds identifiers for {self.codes.shape[0]} records but the datamodule "
-                             f"has {len(dm.records)}: the artifact belongs to another dataset/protocol")
+                             f"has {dm.num_records}: the artifact belongs to another dataset/protocol")
         return self.codes.cpu().numpy()[np.asarray(record_ids)]
 
     # ---- training ---------------------------------------------------------------------------------------
@@ -205,6 +206,28 @@ class IRGenGenerator(RetrievalModule):
             groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         return {"optimizer": optimizer, "lr_scheduler": trainer_scheduler(self.trainer, optimizer, hp.schedule)}
+
+    # ---- retrieval for arbitrary queries (eval.py query=...) ------------------------------------------------
+    score_name = "log-probability of the image's identifier"
+
+    def index_gallery(self, loader, record_ids: np.ndarray | None = None) -> IdentifierTrie:
+        """The prefix trie of the gallery images' identifiers. Only dataset images have one (the checkpoint carries
+        every record's identifier); images from elsewhere would need the tokenizer, which the checkpoint lacks."""
+        if record_ids is None:
+            raise ValueError("an IRGen generator retrieves only images with identifiers, i.e. images of the dataset "
+                             "it was trained with: drop gallery= to search that dataset's test gallery")
+        if self.codes.shape[0] == 0:
+            raise RuntimeError("the generator has no identifiers: load a generator checkpoint (it carries them)")
+        codes = self.codes.cpu().numpy()[np.asarray(record_ids)]
+        return IdentifierTrie.build(codes, self.hparams.codebook_size).to(self.device)
+
+    def search(self, gallery_index: IdentifierTrie, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Beam search (``beam_size`` beams) constrained to the gallery's identifiers; images of one identifier in
+        gallery order, each scored by its identifier's log-probability."""
+        with evaluation_mode(self):
+            tokens = self.encoder(images.to(self.device))
+            leaves, scores = beam_search(self.decoder, tokens, gallery_index, self.hparams.beam_size)
+        return expand_identifiers(leaves.cpu().numpy(), scores.float().cpu().numpy(), gallery_index, k)
 
     # ---- evaluation --------------------------------------------------------------------------------------
     def _start_eval(self, stage: str) -> None:

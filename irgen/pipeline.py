@@ -23,7 +23,6 @@ from typing import Any
 
 import hydra
 import lightning as L
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -194,7 +193,7 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
     load_weights(model, selected)
     codes, features = encode_records(model, dm)
     recon = model.quantizer.decode(codes.to(model.device))[:, -1].cpu()
-    labels = torch.tensor([r.label for r in dm.records]).numpy()
+    labels = dm.record_labels()
     stats = identifier_stats(codes.numpy(), labels, model.quantizer.num_codes)
     stats.update(quantized_retrieval(features.numpy(), recon.numpy(), codes.numpy(), dm.eval_set("test")))
     meta = {**expected, "num_levels": model.quantizer.num_levels, "num_codes": model.quantizer.num_codes,

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 
-from datamodules.base import RecordDataset
 from irgen.encoders import build_encoder_from_config
 from irgen.kmeans import check_enough_points
 from irgen.quantizer import Quantized, ResidualQuantizer, perplexity
 from irlab.baseline import NormalizedSoftmaxLoss
+from irlab.inference import map_images
 from irlab.module import RetrievalModule
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
@@ -157,7 +157,6 @@ class IRGenTokenizer(RetrievalModule):
         return loss
 
     # ---- codebook fitting -----------------------------------------------------------------------------
-    @torch.no_grad()
     def training_features(self) -> torch.Tensor:
         """Features of the training split with the evaluation transform (at most ``kmeans_max_points``)."""
         dm = self.trainer.datamodule
@@ -166,12 +165,7 @@ class IRGenTokenizer(RetrievalModule):
         if limit and len(dataset) > limit:
             rng = np.random.default_rng(self.hparams.seed + max(0, self.current_epoch))
             dataset = Subset(dataset, np.sort(rng.choice(len(dataset), limit, replace=False)).tolist())
-        loader = DataLoader(dataset, batch_size=dm.eval_batch_size, shuffle=False, num_workers=dm.num_workers)
-        was_training = self.training
-        self.eval()
-        feats = [self.features(batch["image"].to(self.device)).float().cpu() for batch in loader]
-        self.train(was_training)
-        return torch.cat(feats)
+        return map_images(self, self.features, dm.inference_loader(dataset))
 
     @torch.no_grad()
     def refit_codebooks(self, features: torch.Tensor | None = None) -> dict[str, float]:
@@ -245,25 +239,17 @@ class IRGenTokenizer(RetrievalModule):
         return {"optimizer": optimizer, "lr_scheduler": trainer_scheduler(self.trainer, optimizer, hp.schedule)}
 
 
-@torch.no_grad()
-def encode_records(model: IRGenTokenizer, datamodule, batch_size: int | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(identifiers int64 [N, D], features float32 [N, dim]) of EVERY record, in `datamodule.records` order.
+def encode_records(model: IRGenTokenizer, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
+    """(identifiers int64 [N, D], features float32 [N, dim]) of EVERY record, in record order.
 
     Uses the evaluation transform, so identifiers are a deterministic function of the checkpoint.
     """
-    datamodule.setup()
-    ids = np.arange(len(datamodule.records))
-    labels = np.array([r.label for r in datamodule.records], dtype=np.int64)
-    dataset = RecordDataset(datamodule, ids, labels, datamodule.eval_transform())
-    loader = DataLoader(dataset, batch_size=batch_size or datamodule.eval_batch_size, shuffle=False,
-                        num_workers=datamodule.num_workers)
-    was_training = model.training
-    model.eval()
-    codes, feats = [], []
-    for batch in loader:
-        z = model.features(batch["image"].to(model.device))
-        codes.append(model.quantizer.encode(z).cpu())
-        feats.append(z.float().cpu())
-    model.train(was_training)
-    return torch.cat(codes), torch.cat(feats)
+    def codes_and_features(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z = model.features(images)
+        return model.quantizer.encode(z), z
+
+    codes, feats = map_images(model, codes_and_features, datamodule.inference_loader(datamodule.record_dataset()))
+    if len(codes) != datamodule.num_records:
+        raise RuntimeError(f"identifiers for {len(codes)} of {datamodule.num_records} images: unreadable images were "
+                           f"skipped (dataset.skip_corrupt=true); every image needs an identifier, fix or remove them")
+    return codes, feats

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from irlab.checkpoints import MODEL_KEY, model_class_name
+from irlab.inference import evaluation_mode, map_images
 from irlab.reproducibility import rng_states, set_rng_states
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
 
@@ -55,6 +56,23 @@ class RetrievalModule(L.LightningModule):
     # ---- to implement ---------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    # ---- retrieval for arbitrary queries (eval.py query=...: irlab.query) ------------------------------
+    score_name = "cosine similarity"
+
+    def index_gallery(self, loader, record_ids: np.ndarray | None = None) -> torch.Tensor:
+        """What `search` ranks: the L2-normalised embeddings of every image of `loader` (in its order).
+        ``record_ids`` are the dataset records behind them, None for images from outside the dataset."""
+        return map_images(self, lambda x: F.normalize(self.embed(x).float(), dim=-1), loader)
+
+    def search(self, gallery_index, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The top-`k` gallery rows of each query image and their scores, ``[Q, k]`` each (-1 / NaN padded)."""
+        with evaluation_mode(self):
+            queries = F.normalize(self.embed(images.to(self.device)).float(), dim=-1).cpu()
+        scores, rows = torch.topk(queries @ gallery_index.T, min(k, len(gallery_index)), dim=1)
+        pad = k - rows.shape[1]
+        return (np.pad(rows.numpy(), ((0, 0), (0, pad)), constant_values=-1),
+                np.pad(scores.numpy(), ((0, 0), (0, pad)), constant_values=np.nan))
 
     # ---- exact resume --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

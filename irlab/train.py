@@ -1,9 +1,10 @@
 """What `train.py` and `eval.py` run: build everything from the config, fit, test, report.
 
-Each method names a train and an evaluate function ``(cfg) -> dict[str, float]`` under ``method:``
-(conf/method/): single-stage models use `fit_and_test` / `evaluate_checkpoint` below, a method with several
-stages (IRGen) its own pair. `train.py` always calls ``method.train`` and `eval.py` always ``method.evaluate``,
-so an experiment cannot turn an evaluation into a training run.
+Each method names a train and an evaluate function ``(cfg) -> dict[str, float]`` and a checkpoint loader
+``(cfg, datamodule) -> (model, path)`` under ``method:`` (conf/method/): single-stage models use `fit_and_test` /
+`evaluate_checkpoint` / `load_trained_model` below, a method with several stages (IRGen) its own. `train.py`
+always calls ``method.train`` and `eval.py` always ``method.evaluate`` (or, with ``query=``, `irlab.query` on
+``method.load``'s model), so an experiment cannot turn an evaluation into a training run.
 """
 
 from __future__ import annotations
@@ -202,14 +203,21 @@ def fit_and_test(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
-    """Load a trained checkpoint (weights only, no pickle) and evaluate it on the configured split."""
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
+def load_trained_model(cfg: DictConfig, datamodule: RetrievalDataModule) -> tuple[L.LightningModule, str]:
+    """(the model of ``cfg.model`` with the weights of ``ckpt_path``, the checkpoint's path): weights only, no
+    pickle; a checkpoint of another model class is refused by name."""
     ckpt = resolve_ckpt_path(cfg.ckpt_path, cfg.paths.output_dir)
     model = build_model(cfg.model, datamodule)
     state = read_checkpoint(ckpt, expected_class=model_class_name(model))
     model.load_state_dict(state["state_dict"])
+    return model, ckpt
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, float]:
+    """Load a trained checkpoint and evaluate it on the configured split."""
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg)
+    model, ckpt = load_trained_model(cfg, datamodule)
     return evaluate_model(cfg, model, datamodule, ckpt)
 
 
@@ -245,7 +253,12 @@ def run(cfg: DictConfig, action: str = "train") -> dict[str, float]:
         torch.set_num_threads(int(cfg.torch_threads))
     output_dir = cfg.paths.get("output_dir")
     log.info(f"run folder: {output_dir}")
-    metrics = hydra.utils.get_method(cfg.method[action])(cfg)
+    if action == "evaluate" and cfg.get("query"):
+        from irlab.query import query_checkpoint  # eval.py query=...: rankings and a grid instead of metrics
+
+        metrics = query_checkpoint(cfg)
+    else:
+        metrics = hydra.utils.get_method(cfg.method[action])(cfg)
     if rank_zero_only.rank == 0:
         print(f"run folder: {output_dir}", flush=True)  # metrics.json, checkpoints, figures
     return metrics

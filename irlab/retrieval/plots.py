@@ -18,7 +18,7 @@ from irlab.retrieval.metrics import as_numpy
 
 __all__ = ["plot_pr_curve", "plot_retrieval_grid"]
 
-_CORRECT, _WRONG = "#1a9850", "#d73027"
+_CORRECT, _WRONG, _UNKNOWN = "#1a9850", "#d73027", "#969696"
 
 
 def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
@@ -84,7 +84,7 @@ def _as_image(img: Any) -> np.ndarray:
 def plot_retrieval_grid(
     query_images: Sequence[Any],
     neighbor_images: Sequence[Sequence[Any]],
-    correct: Sequence[Sequence[bool]],
+    correct: Sequence[Sequence[bool] | None],
     scores: Sequence[Sequence[float]],
     path: str | Path,
     *,
@@ -93,7 +93,8 @@ def plot_retrieval_grid(
 ) -> Path:
     """One PNG, a row per query: the query, then its top-K neighbours framed green (correct) or red (wrong)
     with the score above each (what it is, ``score_name``, is said on top). Rows may have different K (shorter
-    rows are left blank)."""
+    rows are left blank). A row whose ``correct`` is None (labels unknown: a query from outside the dataset)
+    is framed grey."""
     n_rows = len(query_images)
     if not (len(neighbor_images) == len(correct) == len(scores) == n_rows):
         raise ValueError("query_images, neighbor_images, correct and scores need one entry per query")
@@ -103,12 +104,13 @@ def plot_retrieval_grid(
     fig = Figure(figsize=(thumb_inches * n_cols, thumb_inches * 1.15 * n_rows))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r in range(n_rows):
-        if not (len(neighbor_images[r]) == len(correct[r]) == len(scores[r])):
+        row_correct = [None] * len(scores[r]) if correct[r] is None else correct[r]
+        if not (len(neighbor_images[r]) == len(row_correct) == len(scores[r])):
             raise ValueError(f"row {r}: neighbor_images, correct and scores differ in length")
         cells: list[tuple[Any, str, str | None]] = [(query_images[r], "query", "#333333")]
         cells += [
-            (img, f"{float(s):.3f}", _CORRECT if ok else _WRONG)
-            for img, ok, s in zip(neighbor_images[r], correct[r], scores[r], strict=True)
+            (img, f"{float(s):.3f}", _UNKNOWN if ok is None else (_CORRECT if ok else _WRONG))
+            for img, ok, s in zip(neighbor_images[r], row_correct, scores[r], strict=True)
         ]
         for c, ax in enumerate(axes[r]):
             ax.set_xticks([])
@@ -123,6 +125,7 @@ def plot_retrieval_grid(
             for spine in ax.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(3 if c else 1.5)
-    fig.suptitle(f"number above each image: {score_name}; green = same class, red = other class", fontsize=8)
+    legend = "green = same class, red = other class" + ("; grey = labels unknown" if None in correct else "")
+    fig.suptitle(f"number above each image: {score_name}; {legend}", fontsize=8)
     fig.tight_layout(pad=0.3)
     return _save(fig, path, dpi=100)
