@@ -101,7 +101,9 @@ def plot_retrieval_grid(
     if n_rows == 0:
         raise ValueError("nothing to plot: no queries")
     n_cols = 1 + max((len(r) for r in neighbor_images), default=0)
-    fig = Figure(figsize=(thumb_inches * n_cols, thumb_inches * 1.15 * n_rows))
+    title_inches = 0.3  # room for the legend line above the rows
+    height = thumb_inches * 1.15 * n_rows + title_inches
+    fig = Figure(figsize=(thumb_inches * n_cols, height))
     axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r in range(n_rows):
         row_correct = [None] * len(scores[r]) if correct[r] is None else correct[r]
@@ -127,5 +129,5 @@ def plot_retrieval_grid(
                 spine.set_linewidth(3 if c else 1.5)
     legend = "green = same class, red = other class" + ("; grey = labels unknown" if None in correct else "")
     fig.suptitle(f"number above each image: {score_name}; {legend}", fontsize=8)
-    fig.tight_layout(pad=0.3)
+    fig.tight_layout(pad=0.3, rect=(0, 0, 1, 1 - title_inches / height))
     return _save(fig, path, dpi=100)
