@@ -10,6 +10,7 @@ assignment has another shape, or is missing, raises instead of loading half a mo
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,8 @@ import torch.nn.functional as F
 from areir.meta_classes import build_assignment, count_collisions, is_balanced
 from areir.model import AREIRNet, count_parameters
 from irlab.module import RetrievalModule
+from irlab.optim import configure_optimization, require_optimizer
+from irlab.plain import to_plain
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +40,13 @@ class AREIRModule(RetrievalModule):
         checkpoint_members: bool = False,
         pool_grid: int = 1,
         channels_last: bool = False,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        lr_milestones: tuple[float, ...] = (0.5, 0.7),
-        lr_gamma: float = 0.1,
+        optimizer: Mapping | None = None,
+        scheduler: Mapping | None = None,
     ) -> None:
         super().__init__()
         # plain Python values only: a checkpoint must load with torch.load(weights_only=True), which rejects the
         # OmegaConf containers Hydra passes for list arguments
-        lr_milestones = tuple(float(f) for f in lr_milestones)
+        optimizer, scheduler = to_plain(optimizer), to_plain(scheduler)
         pretrained = pretrained if isinstance(pretrained, bool) else str(pretrained)
         self.save_hyperparameters()
         if num_classes is None or num_classes < 2:
@@ -124,12 +125,7 @@ class AREIRModule(RetrievalModule):
         return loss
 
     def configure_optimizers(self):
-        """Adam; learning rate x gamma at each milestone, given as fractions of max_epochs (reference: 50%, 70%)."""
-        hp = self.hparams
-        params = list(self.parameters())
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)  # ~2x faster step
-        optimizer = torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay, fused=fused)
-        max_epochs = max(1, self.trainer.max_epochs or 1)
-        milestones = sorted(int(f * max_epochs) for f in hp.lr_milestones)  # as the reference: int(0.5 * epochs)
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=hp.lr_gamma)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        """One group (the reference: Adam, rate x gamma at 50% and 70% of the epochs; conf/model/areir.yaml)."""
+        optimizer = require_optimizer(self.hparams.optimizer, type(self).__name__)
+        return configure_optimization(optimizer, self.hparams.scheduler, [{"params": self.parameters()}],
+                                      self.trainer)

@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from areir.module import AREIRModule  # noqa: E402
 from datamodules.digits import DigitsDataModule  # noqa: E402
+from irlab.optim import preset  # noqa: E402
 
 
 def train_and_test(members: int, meta_classes: int, seed: int, args: argparse.Namespace) -> tuple[float, int, float]:
@@ -35,7 +36,8 @@ def train_and_test(members: int, meta_classes: int, seed: int, args: argparse.Na
     dm = DigitsDataModule(data_dir="data", batch_size=args.batch, eval_batch_size=256, max_per_class=300, seed=seed)
     dm.setup()
     model = AREIRModule(dm.num_classes, arch=args.arch, with_se=True, members=members, meta_classes=meta_classes,
-                        assignment=args.assignment, assignment_seed=seed, lr=args.lr)
+                        assignment=args.assignment, assignment_seed=seed,
+                        optimizer=preset("optimizer", "adam", lr=args.lr), scheduler=preset("scheduler", "multistep"))
     collisions = model.log_assignment("bench")
     trainer = L.Trainer(accelerator="cpu", max_epochs=args.epochs, limit_val_batches=0, logger=False,
                         enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)

@@ -25,20 +25,24 @@ from datamodules.digits import DigitsDataModule  # noqa: E402
 
 
 def build_model(name: str, dm: DigitsDataModule) -> L.LightningModule:
+    from irlab.optim import preset
+
     num_classes = dm.num_classes
     if name == "baseline":
         from irlab.baseline import EmbeddingBaseline
 
-        return EmbeddingBaseline(num_classes=num_classes, arch="resnet18", embedding_dim=64)
+        return EmbeddingBaseline(num_classes=num_classes, arch="resnet18", embedding_dim=64,
+                                 optimizer=preset("optimizer", "adamw", lr=2e-3, weight_decay=1e-4))
     if name == "areir":
         from areir.module import AREIRModule
 
-        return AREIRModule(num_classes=num_classes, arch="resnet18", members=8, meta_classes=3)
+        return AREIRModule(num_classes=num_classes, arch="resnet18", members=8, meta_classes=3,
+                           optimizer=preset("optimizer", "adam"))
     if name == "irgen_tokenizer":
         from irgen.tokenizer import IRGenTokenizer
 
         model = IRGenTokenizer(num_classes=num_classes, encoder={"arch": "vit_tiny", "image_size": 32},
-                               num_levels=4, num_codes=16)
+                               num_levels=4, num_codes=16, optimizer=preset("optimizer", "adamw"))
         # codebooks from k-means on random features: the timed steps then cost what they cost in training
         model.refit_codebooks(torch.randn(512, model.quantizer.codebooks.shape[-1]))
         return model
@@ -46,7 +50,8 @@ def build_model(name: str, dm: DigitsDataModule) -> L.LightningModule:
         from irgen.generator import IRGenGenerator
 
         model = IRGenGenerator(code_depth=4, codebook_size=16, encoder={"arch": "vit_tiny", "image_size": 32},
-                               width=128, layers=2, heads=4, encoder_lr_scale=0.01)
+                               width=128, layers=2, heads=4, encoder_lr_scale=0.01,
+                               optimizer=preset("optimizer", "adamw", lr=1e-4, weight_decay=0.05))
         # random identifiers stand in for a tokenizer artifact: the step costs the same for any codes
         codes = torch.randint(0, 16, (len(dm.records), 4), generator=torch.Generator().manual_seed(0))
         model.set_identifiers(codes)

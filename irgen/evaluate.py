@@ -9,6 +9,7 @@ belong to this run's dataset (same number of records), else the error says so.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from pathlib import Path
 
@@ -39,6 +40,11 @@ def load_generator(path: str | Path, cfg: DictConfig) -> IRGenGenerator:
     hparams.update({k: generator_cfg[k] for k in EVAL_KEYS if k in generator_cfg})
     hparams["encoder"] = {**dict(hparams.get("encoder") or {}), "pretrained": False}
     hparams["encoder_init"] = None
+    unknown = set(hparams) - set(inspect.signature(IRGenGenerator.__init__).parameters)
+    if unknown:
+        raise CheckpointError(f"{path} was written by another irlab version: hyper-parameters {sorted(unknown)} are "
+                              f"not IRGenGenerator arguments any more (optimizer settings now live in its "
+                              f"'optimizer' node); retrain, or evaluate it with the irlab commit that wrote it")
     model = IRGenGenerator(**hparams)
     model.load_state_dict(weights)
     return model

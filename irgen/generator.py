@@ -4,9 +4,9 @@ Training: for every training image of class c the target is the identifier of a 
 class c (`RetrievalDataModule.target_pool`: the training split, In-shop's train + gallery under closed-set, and
 closed-set validation queries, which are held out as inputs only; the draw may pick the image itself). Targets
 are redrawn every epoch from ``(seed, epoch)``, so runs and resumed runs see the same targets. Loss:
-label-smoothed cross-entropy over the D levels. AdamW (no decay on biases/norms) with ``betas``, the learning
-rate ``schedule`` of `irlab.schedules`, the encoder at ``encoder_lr_scale`` times the decoder's learning rate
-(0 freezes it: no backward through the encoder). The pipeline can start the encoder from the tokenizer's
+label-smoothed cross-entropy over the D levels. The ``optimizer`` / ``scheduler`` nodes (AdamW, no decay on
+biases/norms; conf/model/irgen_generator.yaml), the encoder at ``encoder_lr_scale`` times the decoder's
+learning rate (0 freezes it: no backward through the encoder). The pipeline can start the encoder from the tokenizer's
 trained one (``encoder_init: tokenizer``).
 
 Evaluation (overrides the shared loop's ranking, keeps its metrics): each evaluated image is encoded once; its
@@ -38,12 +38,10 @@ from irgen.ranking import expand_identifiers, rank_identifiers, rerank_by_simila
 from irgen.trie import IdentifierTrie, validate_codes
 from irlab.inference import evaluation_mode
 from irlab.module import RetrievalModule
+from irlab.optim import configure_optimization, require_optimizer
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_rankings
-from irlab.schedules import schedule_settings, trainer_scheduler
 
-# irlab's default (conf/model/irgen_generator.yaml); the reference recipe is conf/recipe/irgen_paper.yaml
-DEFAULT_SCHEDULE = {"name": "warmup_cosine", "warmup_fraction": 0.05, "min_lr_ratio": 0.0}
 # the ranking rows of every IRGen evaluation, as `irlab.reporting` labels them (metric key infix -> label)
 RANKING_ROWS = {"": "generative (paper)", "rerank": "generative + rerank", "knn": "kNN, same encoder",
                 "exhaustive": "exhaustive scoring"}
@@ -80,11 +78,9 @@ class IRGenGenerator(RetrievalModule):
         heads: int = 12,
         mlp_ratio: float = 4.0,
         dropout: float = 0.1,
-        lr: float = 1e-4,
         encoder_lr_scale: float = 0.01,
-        weight_decay: float = 0.05,
-        betas: Sequence[float] = (0.9, 0.95),
-        schedule: Mapping | None = None,
+        optimizer: Mapping | None = None,
+        scheduler: Mapping | None = None,
         label_smoothing: float = 0.1,
         beam_size: int = 30,
         eval_ks: Sequence[int] = (1, 10, 20, 30),
@@ -98,8 +94,7 @@ class IRGenGenerator(RetrievalModule):
                              "fills them from the artifact; when building the generator yourself, pass them")
         encoder = dict(to_plain(encoder) or {})  # plain containers: checkpoints stay loadable with weights_only=True
         eval_ks = [int(k) for k in to_plain(eval_ks)]
-        betas = [float(b) for b in to_plain(betas)]
-        schedule = schedule_settings(to_plain(schedule) or DEFAULT_SCHEDULE)
+        optimizer, scheduler = to_plain(optimizer), to_plain(scheduler)
         self.save_hyperparameters()
         self.encoder = build_encoder_from_config(encoder)
         self.decoder = IdentifierDecoder(DecoderConfig(
@@ -196,16 +191,16 @@ class IRGenGenerator(RetrievalModule):
         return loss
 
     def configure_optimizers(self):
+        """The encoder at ``encoder_lr_scale`` x the decoder's rate (a frozen one is left out); no weight decay on
+        biases and norms (the reference's ``add_weight_decay``)."""
         hp = self.hparams
+        optimizer = require_optimizer(hp.optimizer, type(self).__name__)
         groups = []
-        for module, lr in ((self.encoder, hp.lr * hp.encoder_lr_scale), (self.decoder, hp.lr)):
+        for module, scale in ((self.encoder, hp.encoder_lr_scale), (self.decoder, 1.0)):
             params = [p for p in module.parameters() if p.requires_grad]
-            if not params:
-                continue
-            groups.append({"params": [p for p in params if p.dim() >= 2], "lr": lr, "weight_decay": hp.weight_decay})
-            groups.append({"params": [p for p in params if p.dim() < 2], "lr": lr, "weight_decay": 0.0})
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
-        return {"optimizer": optimizer, "lr_scheduler": trainer_scheduler(self.trainer, optimizer, hp.schedule)}
+            groups.append({"params": [p for p in params if p.dim() >= 2], "lr_scale": scale})
+            groups.append({"params": [p for p in params if p.dim() < 2], "lr_scale": scale, "weight_decay": 0.0})
+        return configure_optimization(optimizer, hp.scheduler, groups, self.trainer)
 
     # ---- retrieval for arbitrary queries (eval.py query=...) ------------------------------------------------
     score_name = "log-probability of the image's identifier"

@@ -15,7 +15,7 @@ feature as ``val/raw_R@1``, so checkpoint selection looks at what the identifier
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -29,9 +29,9 @@ from irgen.quantizer import Quantized, ResidualQuantizer, perplexity
 from irlab.baseline import NormalizedSoftmaxLoss
 from irlab.inference import map_images
 from irlab.module import RetrievalModule
+from irlab.optim import configure_optimization, require_optimizer
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
-from irlab.schedules import COSINE_PER_EPOCH, schedule_settings, trainer_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,6 @@ UPDATES = ("refit", "ema")
 DEFAULT_LOSS = {"raw": 1.0, "partial": 1.0, "commit": 0.25}
 LOSS_FORMS = ("irlab", "reference")
 HEADS = ("cosine_shared", "linear_separate")
-DEFAULT_SCHEDULE = COSINE_PER_EPOCH  # conf/model/*.yaml says the same
 
 
 class LinearSoftmaxLoss(nn.Module):
@@ -71,11 +70,9 @@ class IRGenTokenizer(RetrievalModule):
         loss_form: str = "irlab",
         head: str = "cosine_shared",
         temperature: float = 0.05,
-        lr: float = 1e-3,
         encoder_lr_scale: float = 0.1,
-        weight_decay: float = 1e-4,
-        betas: Sequence[float] = (0.9, 0.999),
-        schedule: Mapping | None = None,
+        optimizer: Mapping | None = None,
+        scheduler: Mapping | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -88,8 +85,7 @@ class IRGenTokenizer(RetrievalModule):
         if loss_form not in LOSS_FORMS or head not in HEADS:
             raise ValueError(f"loss_form must be one of {LOSS_FORMS} and head one of {HEADS}, got {loss_form!r}, "
                              f"{head!r}")
-        betas = [float(b) for b in to_plain(betas)]
-        schedule = schedule_settings(to_plain(schedule) or DEFAULT_SCHEDULE)
+        optimizer, scheduler = to_plain(optimizer), to_plain(scheduler)  # plain data: weights_only checkpoints
         self.save_hyperparameters()
         self.encoder = build_encoder_from_config(encoder)
         dim = feature_dim or self.encoder.dim
@@ -233,10 +229,9 @@ class IRGenTokenizer(RetrievalModule):
         hp = self.hparams
         heads = [p for m in (self.proj, self.classifier, self.partial_classifier) if m is not None
                  for p in m.parameters()]
-        groups = [{"params": self.encoder.parameters(), "lr": hp.lr * hp.encoder_lr_scale},
-                  {"params": heads, "lr": hp.lr}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
-        return {"optimizer": optimizer, "lr_scheduler": trainer_scheduler(self.trainer, optimizer, hp.schedule)}
+        groups = [{"params": self.encoder.parameters(), "lr_scale": hp.encoder_lr_scale}, {"params": heads}]
+        optimizer = require_optimizer(hp.optimizer, type(self).__name__)
+        return configure_optimization(optimizer, hp.scheduler, groups, self.trainer)
 
 
 def encode_records(model: IRGenTokenizer, datamodule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,8 +15,8 @@ from torch import nn
 
 from irlab.backbones import resnet_trunk
 from irlab.module import RetrievalModule
+from irlab.optim import configure_optimization, require_optimizer
 from irlab.plain import to_plain
-from irlab.schedules import COSINE_PER_EPOCH, schedule_settings, trainer_scheduler
 
 
 class NormalizedSoftmaxLoss(nn.Module):
@@ -32,9 +32,6 @@ class NormalizedSoftmaxLoss(nn.Module):
         return F.cross_entropy(logits / self.temperature, labels)
 
 
-DEFAULT_SCHEDULE = COSINE_PER_EPOCH  # conf/model/*.yaml says the same
-
-
 class EmbeddingBaseline(RetrievalModule):
     def __init__(
         self,
@@ -43,13 +40,12 @@ class EmbeddingBaseline(RetrievalModule):
         pretrained: bool | str = False,
         embedding_dim: int = 128,
         temperature: float = 0.05,
-        lr: float = 2e-3,
         trunk_lr_scale: float = 1.0,
-        weight_decay: float = 1e-4,
-        schedule: Mapping | None = None,
+        optimizer: Mapping | None = None,
+        scheduler: Mapping | None = None,
     ) -> None:
         super().__init__()
-        schedule = schedule_settings(to_plain(schedule) or DEFAULT_SCHEDULE)
+        optimizer, scheduler = to_plain(optimizer), to_plain(scheduler)  # plain data: weights_only checkpoints
         self.save_hyperparameters()
         self.trunk, width = resnet_trunk(arch, pretrained)
         self.embedding = nn.Linear(width, embedding_dim)
@@ -64,10 +60,9 @@ class EmbeddingBaseline(RetrievalModule):
         return loss
 
     def configure_optimizers(self):
-        hp = self.hparams
         groups = [
-            {"params": self.trunk.parameters(), "lr": hp.lr * hp.trunk_lr_scale},
-            {"params": list(self.embedding.parameters()) + list(self.loss.parameters()), "lr": hp.lr},
+            {"params": self.trunk.parameters(), "lr_scale": self.hparams.trunk_lr_scale},
+            {"params": list(self.embedding.parameters()) + list(self.loss.parameters())},
         ]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        return {"optimizer": optimizer, "lr_scheduler": trainer_scheduler(self.trainer, optimizer, hp.schedule)}
+        optimizer = require_optimizer(self.hparams.optimizer, type(self).__name__)
+        return configure_optimization(optimizer, self.hparams.scheduler, groups, self.trainer)

@@ -68,12 +68,14 @@ def build_datamodule(cfg: DictConfig) -> RetrievalDataModule:
 
 
 def build_model(model_cfg: DictConfig, datamodule: RetrievalDataModule, **runtime) -> L.LightningModule:
-    """Instantiate the model, filling `num_classes: null` from the datamodule's training split."""
+    """Instantiate the model, filling `num_classes: null` from the datamodule's training split. Not recursive: the
+    ``optimizer`` / ``scheduler`` nodes reach the module as config (it builds them in ``configure_optimizers``)
+    and stay plain data in its checkpoints."""
     target = hydra.utils.get_class(model_cfg._target_)
     params = inspect.signature(target.__init__).parameters
     if "num_classes" in params and model_cfg.get("num_classes") is None:
         runtime.setdefault("num_classes", datamodule.num_classes)
-    return hydra.utils.instantiate(model_cfg, **runtime)
+    return hydra.utils.instantiate(model_cfg, _recursive_=False, **runtime)
 
 
 def check_accelerator(trainer_cfg: DictConfig) -> None:

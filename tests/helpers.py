@@ -31,3 +31,4 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
 
 def experiment_names() -> list[str]:
     return sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+

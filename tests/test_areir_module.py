@@ -12,6 +12,7 @@ import torch
 
 from areir.module import AREIRModule
 from datamodules.digits import DigitsDataModule
+from irlab.optim import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,7 @@ def digits(tmp_path_factory) -> DigitsDataModule:
 
 
 def tiny(num_classes: int, arch: str = "resnet18", **kw) -> AREIRModule:
-    kw = {"with_se": True, "members": 2, "meta_classes": 2, **kw}
+    kw = {"with_se": True, "members": 2, "meta_classes": 2, "optimizer": preset("optimizer", "adam"), **kw}
     return AREIRModule(num_classes, arch=arch, **kw)
 
 
@@ -136,11 +137,12 @@ def test_experiment_configs_compose(name: str) -> None:
     assert cfg.model._target_ == "areir.module.AREIRModule" and cfg.protocol.name == "zero_shot"
     assert cfg.dataset.val_fraction > 0
     if dataset == "digits":  # the embedded preset (digit pairs, the baseline's trunk): CPU-sized schedule
-        assert cfg.model.arch == "cnn_small" and cfg.model.lr_milestones == [0.8]
+        assert cfg.model.arch == "cnn_small" and cfg.model.scheduler.milestones == [0.8]
         return
-    assert cfg.model.lr_milestones == [0.5, 0.7] and cfg.model.lr_gamma == 0.1
+    assert cfg.model.scheduler.milestones == [0.5, 0.7] and cfg.model.scheduler.gamma == 0.1
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam"
     if dataset != "digits":
-        assert cfg.dataset.image_size == cfg.dataset.resize_size == 256 and cfg.model.lr == 1e-4
+        assert cfg.dataset.image_size == cfg.dataset.resize_size == 256 and cfg.model.optimizer.lr == 1e-4
         assert cfg.model.members == 48
         assert cfg.model.meta_classes == {"car": 12, "cub": 12, "sop": 500, "isc": 192}[dataset]
         assert cfg.dataset.get("crop", False) == name.endswith("_crop")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from irlab.schedules import build_scheduler, cosine_restarts_lr
-from tests.helpers import CONF
+from irlab.schedules import cosine_restarts, cosine_restarts_lr
+from tests.helpers import CONF, compose_config
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
@@ -19,12 +19,15 @@ def test_python_defaults_equal_the_model_yaml(name):
     cfg = OmegaConf.load(CONF / "model" / f"{name}.yaml")
     params = inspect.signature(hydra.utils.get_class(cfg._target_).__init__).parameters
     for key in cfg.keys():
-        if key == "_target_" or OmegaConf.is_interpolation(cfg, key) or cfg[key] is None:
+        if key in ("_target_", "defaults") or OmegaConf.is_interpolation(cfg, key) or cfg[key] is None:
             continue  # filled at run time (num_classes, code_depth, seed, encoder from the tokenizer)
         value = cfg[key]
         assert key in params, f"{name}.yaml: {key} is not an argument of {cfg._target_}"
         default = params[key].default
         plain = OmegaConf.to_container(cfg[key], resolve=False) if OmegaConf.is_config(cfg[key]) else value
+        if key in ("optimizer", "scheduler"):  # no Python default: the YAML (conf/optimizer, conf/scheduler) only
+            assert default is None, f"{cfg._target_}: {key} must not have a Python default"
+            continue
         if default is None and isinstance(plain, dict):  # mapping defaults live in module constants
             continue
         if isinstance(default, tuple):
@@ -35,16 +38,50 @@ def test_python_defaults_equal_the_model_yaml(name):
         assert plain == default, f"{name}.yaml: {key}={plain!r} but the Python default is {default!r}"
 
 
-def test_mapping_defaults_equal_the_yaml():
-    from irgen.encoders import ENCODER_DEFAULTS
-    from irgen.generator import DEFAULT_SCHEDULE as GEN
-    from irgen.tokenizer import DEFAULT_SCHEDULE as TOK
+@pytest.mark.parametrize("group", ["optimizer", "scheduler"])
+def test_every_optimizer_and_scheduler_preset_is_a_partial_node_with_every_setting(group):
+    """Settings are written once, in the YAML: every preset names all of its target's keyword arguments."""
+    for path in sorted((CONF / group).glob("*.yaml")):
+        node = OmegaConf.to_container(OmegaConf.load(path))
+        assert node.pop("_partial_") is True, path
+        target = hydra.utils.get_method(node.pop("_target_"))
+        params = inspect.signature(target).parameters
+        if group == "scheduler":  # (optimizer, trainer, *, settings): every setting given, none unknown
+            named = {k for k, p in params.items() if p.kind is p.KEYWORD_ONLY}
+            if any(p.kind is p.VAR_KEYWORD for p in params.values()):  # cosine_restarts: cosine_restarts_lr's
+                named = set(inspect.signature(cosine_restarts_lr).parameters) - {"t", "base_lr"}
+            assert set(node) == named, path
+        else:
+            assert set(node) <= set(params), path
 
-    gen = OmegaConf.load(CONF / "model" / "irgen_generator.yaml")
-    tok = OmegaConf.load(CONF / "model" / "irgen_tokenizer.yaml")
-    assert OmegaConf.to_container(gen.schedule) == GEN and OmegaConf.to_container(tok.schedule) == TOK
-    encoder = {k: tok.encoder[k] for k in tok.encoder.keys() if not OmegaConf.is_interpolation(tok.encoder, k)}
-    assert encoder == {k: ENCODER_DEFAULTS[k] for k in encoder}
+
+def test_a_module_built_without_an_optimizer_says_what_to_pass():
+    from irlab.baseline import EmbeddingBaseline
+    from irlab.optim import require_optimizer
+
+    model = EmbeddingBaseline(num_classes=3, embedding_dim=8)
+    with pytest.raises(ValueError, match="needs an optimizer node.*irlab.optim.preset"):
+        require_optimizer(model.hparams.optimizer, type(model).__name__)
+
+
+def test_model_presets_build_their_optimizer_and_schedule():
+    """conf/model/*.yaml -> the configured optimizer class, group rates and schedule, through irlab.optim."""
+    from irlab.optim import configure_optimization
+
+    class Run:  # what the schedules read from a Lightning trainer
+        estimated_stepping_batches, max_epochs = 100, 10
+
+    params = [torch.nn.Parameter(torch.zeros(2, 2)), torch.nn.Parameter(torch.zeros(2))]
+    for name, cls in (("areir", torch.optim.Adam), ("baseline", torch.optim.AdamW),
+                      ("irgen_generator", torch.optim.AdamW)):
+        cfg = OmegaConf.to_container(compose_config(["~experiment", f"model={name}"]).model)
+        out = configure_optimization(cfg["optimizer"], cfg["scheduler"],
+                                     [{"params": params[:1], "lr_scale": 0.5}, {"params": params[1:]}], Run())
+        opt = out["optimizer"]
+        assert type(opt) is cls
+        assert [g["initial_lr"] for g in opt.param_groups] == pytest.approx([0.5 * cfg["optimizer"]["lr"],
+                                                                     cfg["optimizer"]["lr"]])
+        assert out["lr_scheduler"]["interval"] == {"areir": "epoch", "baseline": "epoch"}.get(name, "step")
 
 
 def test_cosine_restarts_is_timm_semantics():
@@ -63,8 +100,10 @@ def test_cosine_restarts_is_timm_semantics():
     # as a LambdaLR over two groups (decoder at lr, encoder at 0.01 lr), stepped at fractional epochs
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     opt = torch.optim.AdamW([{"params": params[:1], "lr": base}, {"params": params[1:], "lr": base * 0.01}])
-    sched = build_scheduler(opt, {"name": "cosine_restarts", **ref}, total_steps=4000, steps_per_epoch=10,
-                            max_epochs=400)["scheduler"]
+    class Run:  # 400 epochs of 10 steps
+        estimated_stepping_batches, max_epochs = 4000, 400
+
+    sched = cosine_restarts(opt, Run(), **ref)["scheduler"]
     for _ in range(255):  # 25.5 epochs
         opt.step()
         sched.step()

@@ -19,6 +19,7 @@ from irgen.generator import IRGenGenerator, draw_same_class
 from irgen.pipeline import run
 from irgen.trie import IdentifierTrie
 from irlab.checkpoints import CheckpointError
+from irlab.optim import preset
 from irlab.train import run as run_app
 from tests.helpers import compose_config
 
@@ -44,7 +45,8 @@ def codes() -> np.ndarray:
 
 def small_generator(**kw) -> IRGenGenerator:
     args = dict(code_depth=DEPTH, codebook_size=K, encoder={"arch": "vit_tiny", "image_size": 32}, width=32, layers=1,
-                heads=2, lr=1e-3, encoder_lr_scale=0.01, beam_size=6, eval_ks=(1, 2, 4), max_rank=20, seed=0)
+                heads=2, optimizer=preset("optimizer", "adamw", lr=1e-3), encoder_lr_scale=0.01, beam_size=6,
+                eval_ks=(1, 2, 4), max_rank=20, seed=0)
     args.update(kw)
     return IRGenGenerator(**args)
 

@@ -154,8 +154,9 @@ def test_reference_recipe_trains_both_stages(tmp_path):
     cfg = compose_config(PIPELINE_FAST + ["recipe=irgen_paper", "dataset.image_size=16", "dataset.resize_size=20",
                                           "dataset.batch_size=32"], output_dir=tmp_path)
     tok, gen = cfg.irgen.tokenizer, cfg.irgen.generator
-    assert (tok.head, tok.loss_form, tok.schedule.name, gen.schedule.name) == (
-        "linear_separate", "reference", "cosine_restarts", "cosine_restarts")
+    assert (tok.head, tok.loss_form, tok.scheduler._target_, gen.scheduler._target_) == (
+        "linear_separate", "reference", "irlab.schedules.cosine_restarts", "irlab.schedules.cosine_restarts")
+    assert tok.scheduler.t_initial == 50 and gen.scheduler.cycle_limit == 4 and gen.optimizer.betas == [0.9, 0.96]
     assert cfg.dataset.resize_mode == "short_side" and cfg.dataset.hflip is False
     metrics = run(cfg)
     for key in ("test/R@1", "test/rerank/R@1", "test/knn/R@1", "tokenizer/quantized_R@1"):

@@ -20,6 +20,7 @@ from irgen.encoders import build_encoder
 from irgen.kmeans import TooFewPointsError, assign, effective_num_codes, reseed_dead_codes
 from irgen.quantizer import ResidualQuantizer
 from irgen.tokenizer import IRGenTokenizer, encode_records
+from irlab.optim import preset
 
 
 def clustered(n: int = 2000, dim: int = 16, seed: int = 0) -> torch.Tensor:
@@ -117,7 +118,7 @@ def tiny_digits(**kw) -> DigitsDataModule:
 
 def tiny_tokenizer(dm, **kw) -> IRGenTokenizer:
     args = dict(encoder={"arch": "vit_tiny", "image_size": 16}, num_levels=3, num_codes=8, kmeans_niter=5,
-                kmeans_max_points=300, seed=0)
+                kmeans_max_points=300, seed=0, optimizer=preset("optimizer", "adamw", lr=1e-3, weight_decay=1e-4))
     return IRGenTokenizer(dm.num_classes, **{**args, **kw})
 
 

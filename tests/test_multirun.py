@@ -73,7 +73,7 @@ def test_optional_sweeper_and_launcher_configs_compose(plugin, override, tmp_pat
 
     cfg = compose_config([override, "trainer=ddp", "trainer.num_nodes=2"], output_dir=tmp_path)
     if "optuna" in override:
-        assert cfg.hydra.sweeper.direction == "maximize" and "model.lr" in cfg.hydra.sweeper.params
+        assert cfg.hydra.sweeper.direction == "maximize" and "model.optimizer.lr" in cfg.hydra.sweeper.params
     else:
         assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (2, 8)
 
