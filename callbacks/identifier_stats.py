@@ -15,6 +15,7 @@ from matplotlib.figure import Figure
 
 from callbacks.base import EvalResultCallback
 from callbacks.media import figure_path, log_image, log_scalars
+from irlab.code_usage import perplexity
 
 
 def usage_summary(usage: list[np.ndarray]) -> dict[str, float]:
@@ -24,10 +25,8 @@ def usage_summary(usage: list[np.ndarray]) -> dict[str, float]:
         counts = np.asarray(counts, dtype=np.float64).reshape(-1)
         if counts.size == 0 or (counts < 0).any():
             raise ValueError(f"identifier_stats['usage'][{level}] must be non-negative counts per code")
-        total = counts.sum()
-        p = counts[counts > 0] / total if total > 0 else np.ones(1)
         out[f"ids/level{level}/used_fraction"] = float((counts > 0).mean())
-        out[f"ids/level{level}/perplexity"] = float(np.exp(-(p * np.log(p)).sum()))
+        out[f"ids/level{level}/perplexity"] = perplexity(counts)
     return out
 
 

@@ -35,7 +35,7 @@ from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
 from irgen.encoders import ImageEncoder
-from irlab.backbones import load_local_state_dict
+from irlab.checkpoints import read_state_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,7 +84,7 @@ def read_clip_visual(path: str | Path) -> dict[str, torch.Tensor]:
             warnings.simplefilter("ignore", FutureWarning)
             state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     else:
-        state = load_local_state_dict(path)
+        state = read_state_dict(path, "pretrained weights file")
     return extract_visual(state, source=str(path))
 
 

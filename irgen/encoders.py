@@ -15,7 +15,8 @@ import torch
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from irlab.backbones import RESNETS, SMALL_CNNS, build_torchvision, load_local_state_dict, small_cnn_trunk
+from irlab.backbones import RESNETS, SMALL_CNNS, build_torchvision, small_cnn_trunk
+from irlab.checkpoints import read_state_dict
 
 # the option that sets an IRGen encoder's weights, as users type it (both stages share the tokenizer's encoder)
 PRETRAINED_KEY = "irgen.tokenizer.encoder.pretrained"
@@ -75,7 +76,7 @@ class ViTEncoder(ImageEncoder):
 
 def load_vit_weights(vit: VisionTransformer, path: str) -> None:
     """Load a torchvision-format ViT state dict from a local file (tensors only, strict on the encoder)."""
-    state = load_local_state_dict(path)
+    state = read_state_dict(path, "pretrained weights file")
     if any(k.removeprefix("module.").removeprefix("visual.") == "conv1.weight" for k in state):
         raise ValueError(f"{path} is a CLIP checkpoint (conv1/ln_pre/QuickGELU/proj layout): use "
                          f"irgen.tokenizer.encoder.arch=clip_vit_b_16 (or arch=clip to read the architecture from the "

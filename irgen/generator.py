@@ -36,6 +36,7 @@ from irgen.encoders import build_encoder_from_config
 from irgen.memory_cache import FrozenMemoryCache
 from irgen.ranking import expand_identifiers, rank_identifiers, rerank_by_similarity, score_all_identifiers
 from irgen.trie import IdentifierTrie, validate_codes
+from irlab.checkpoints import read_state_dict
 from irlab.inference import evaluation_mode
 from irlab.module import RetrievalModule
 from irlab.optim import configure_optimization, require_optimizer
@@ -122,8 +123,7 @@ class IRGenGenerator(RetrievalModule):
     def load_encoder_weights(self, path: str | Path) -> None:
         """Start from another module's trained encoder (``encoder.*`` tensors of a Lightning checkpoint or a
         plain state dict, e.g. the tokenizer's ``last.ckpt``): safe loading, shapes must match exactly."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
+        state = read_state_dict(path, "encoder checkpoint")
         encoder_state = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
         if not encoder_state:
             raise ValueError(f"{path} holds no 'encoder.*' weights: pass a tokenizer/generator checkpoint")

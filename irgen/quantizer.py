@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from irgen.kmeans import assign, check_enough_points, kmeans, reseed_dead_codes
+from irlab.code_usage import perplexity as counts_perplexity
 
 
 @dataclass
@@ -161,6 +162,4 @@ def assign_chunked(points: np.ndarray, centroids: np.ndarray, chunk: int = 16384
 def perplexity(codes: torch.Tensor | np.ndarray, num_codes: int) -> float:
     """exp(entropy) of a level's code distribution: K when usage is uniform, 1 when one code takes all."""
     codes = np.asarray(codes.cpu() if isinstance(codes, torch.Tensor) else codes).reshape(-1)
-    p = np.bincount(codes, minlength=num_codes) / max(1, len(codes))
-    p = p[p > 0]
-    return float(np.exp(-(p * np.log(p)).sum()))
+    return counts_perplexity(np.bincount(codes, minlength=num_codes))

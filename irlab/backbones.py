@@ -7,26 +7,12 @@ file to fetch and where to point ``pretrained`` instead.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import torch
 import torchvision
 from torch import nn
 
+from irlab.checkpoints import read_state_dict
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d")
-
-
-def load_local_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read weights from a local file safely (tensors only); accepts raw state dicts and Lightning checkpoints."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"pretrained weights file not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    return state
 
 
 def build_torchvision(arch: str, pretrained: bool | str = False, config_key: str = "model.pretrained",
@@ -48,7 +34,7 @@ def build_torchvision(arch: str, pretrained: bool | str = False, config_key: str
             ) from exc
     model = builder(weights=None, **kwargs)
     if pretrained:
-        state = load_local_state_dict(pretrained)
+        state = read_state_dict(pretrained, "pretrained weights file")
         missing, unexpected = model.load_state_dict(state, strict=False)
         loaded = len(model.state_dict()) - len(missing)
         if loaded == 0:

@@ -24,21 +24,40 @@ def model_class_name(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def safe_load(path: str | Path, what: str = "checkpoint", hint: str = "") -> Any:
+    """``torch.load(weights_only=True)`` (tensors and plain data only, never code) with errors that name the file
+    and say what was expected; ``hint`` is appended to every error (e.g. where the right file lives)."""
+    path = Path(path).expanduser()
+    tail = f" {hint}" if hint else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}.{tail}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - unpickling errors of every kind mean the same thing here
+        raise CheckpointError(f"{path} is not a PyTorch {what} that loads safely (weights_only=True): "
+                              f"{type(exc).__name__}: {exc}.{tail}") from exc
+
+
+def read_state_dict(path: str | Path, what: str = "weights file", hint: str = "") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: a raw state dict, a Lightning checkpoint (``state_dict``) or a training
+    script's ``{"model": state_dict}``, loaded safely."""
+    state = safe_load(path, what, hint)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict (name -> tensor).{' ' + hint if hint else ''}")
+    return state
+
+
 def read_checkpoint(path: str | Path, expected_class: str | None = None, hint: str = "") -> dict[str, Any]:
-    """A Lightning checkpoint loaded with ``weights_only=True`` (tensors and plain data only, never code).
+    """A Lightning checkpoint loaded with ``weights_only=True`` (`safe_load`).
 
     ``expected_class`` (``module.Class``): refuse a checkpoint written by another model class, naming it.
     ``hint`` is appended to every error (e.g. where the right checkpoint lives).
     """
-    path = Path(path).expanduser()
+    state = safe_load(path, "checkpoint", hint)
     tail = f" {hint}" if hint else ""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}.{tail}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - unpickling errors of every kind mean the same thing here
-        raise CheckpointError(f"{path} is not a PyTorch checkpoint that loads safely (weights_only=True): "
-                              f"{type(exc).__name__}: {exc}.{tail}") from exc
     if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
         raise CheckpointError(f"{path} is a PyTorch file but not a Lightning checkpoint (no 'state_dict'); "
                               f"pass a .ckpt written by train.py.{tail}")
