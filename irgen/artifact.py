@@ -100,20 +100,24 @@ def save_artifact(path: str | Path, artifact: IdentifierArtifact) -> Path:
     return path
 
 
-def _differences(expected: Any, found: Any, where: str = "") -> list[str]:
-    """Human-readable list of the leaves where `found` differs from `expected` (nested dicts)."""
+def differences(expected: Any, found: Any, where: str = "", source: str = "artifact",
+                extra_ok: bool = True) -> list[str]:
+    """Human-readable list of the leaves where `found` (what `source` recorded) differs from `expected` (what this
+    run has), through nested dicts. ``extra_ok``: keys only `found` has (an artifact's stats and hashes) are
+    not differences; a stage folder's signature must match key for key (``extra_ok=False``)."""
     if isinstance(expected, dict) and isinstance(found, dict):
         out = []
         for key in sorted(set(expected) | set(found), key=str):
             sub = f"{where}.{key}" if where else str(key)
             if key not in found:
-                out.append(f"{sub}: missing in the artifact (expected {expected[key]!r})")
+                out.append(f"{sub}: missing in the {source} (this run has {expected[key]!r})")
             elif key not in expected:
-                continue  # extra keys in the artifact (stats, hashes) are not part of the expectation
+                if not extra_ok:
+                    out.append(f"{sub}: the {source} has {found[key]!r}, this run has no such setting")
             else:
-                out.extend(_differences(expected[key], found[key], sub))
+                out.extend(differences(expected[key], found[key], sub, source, extra_ok))
         return out
-    return [] if expected == found else [f"{where}: artifact has {found!r}, this run expects {expected!r}"]
+    return [] if expected == found else [f"{where}: the {source} has {found!r}, this run has {expected!r}"]
 
 
 def load_artifact(path: str | Path, *, expected: dict[str, Any], rebuild_hint: str | None = None
@@ -135,7 +139,7 @@ def load_artifact(path: str | Path, *, expected: dict[str, Any], rebuild_hint: s
         raise StaleArtifactError(f"{path} is not a readable IRGen identifier artifact ({exc}). "
                                  f"Rebuild it: {rebuild}") from exc
     expected = json.loads(json.dumps({"version": ARTIFACT_VERSION, **expected}, sort_keys=True))  # tuples -> lists
-    problems = _differences(expected, meta)
+    problems = differences(expected, meta)
     if meta.get("sha256") != content_hash(codes, codebooks):
         problems.append("sha256: codes/codebooks do not match the hash recorded when the artifact was written "
                         "(file modified or corrupted)")

@@ -15,7 +15,9 @@ from omegaconf import open_dict
 
 from irgen.artifact import StaleArtifactError, load_artifact
 from irgen.kmeans import TooFewPointsError
-from irgen.pipeline import STAGE_ORDER, STAGES, artifact_expectation, load_weights, run
+from irgen.pipeline import STAGE_ORDER, STAGES, run
+from irgen.signatures import artifact_expectation
+from irgen.stage_trainer import load_weights
 from irgen.tokenizer import encode_records
 from irlab.train import build_datamodule, build_model
 from tests.helpers import REPO, compose_config
@@ -164,7 +166,7 @@ def test_reference_recipe_trains_both_stages(tmp_path):
 
 
 def test_debug_fast_limits_every_stage_and_leaves_no_real_artifact(tmp_path):
-    from irgen.pipeline import stage_trainer_config
+    from irgen.stage_trainer import stage_trainer_config
 
     cfg = compose_config(["experiment=isc_irgen", "debug=fast"], output_dir=tmp_path)
     generator = stage_trainer_config(cfg, "generator")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
 import torch
@@ -26,8 +25,7 @@ def untrained_checkpoint(experiment: str, tmp: Path) -> tuple[Path, list[str]]:
     dm = build_datamodule(cfg)
     torch.manual_seed(0)
     if experiment == "digits_irgen":
-        gen = cfg.irgen.generator
-        model = hydra.utils.instantiate(gen, code_depth=4, codebook_size=16, encoder_init=None)
+        model = build_model(cfg.irgen.generator, dm, code_depth=4, codebook_size=16, encoder_init=None)
         model.set_identifiers(torch.randint(0, 16, (dm.num_records, 4)))
     else:
         model = build_model(cfg.model, dm)

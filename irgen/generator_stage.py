@@ -1,0 +1,96 @@
+"""IRGen stage 2: train the generator on the artifact's identifiers (or reuse / resume it), then test it
+(`irgen.pipeline` runs it)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from irgen.signatures import claim_stage_folder, generator_signature
+from irgen.stage_context import PipelineContext, rebuild_command
+from irgen.stage_trainer import build_stage_trainer, resume_checkpoint, select_checkpoint
+from irgen.tokenizer_stage import TOKENIZER_DIR
+from irlab.paths import expand_path
+from irlab.run_config import write_run_overrides
+from irlab.train import build_model, fit_or_exit, log_hyperparameters, logged_metrics, this_command
+
+log = logging.getLogger("irgen.pipeline")  # one logger for every stage of the pipeline
+GENERATOR_DIR = "generator"
+GENERATOR_DONE = "done.json"
+
+
+def encoder_init_path(ctx: PipelineContext, value: str | None) -> Path | None:
+    """``encoder_init``: null (encoder as configured), ``tokenizer`` (the tokenizer stage's trained encoder) or
+    a checkpoint path."""
+    if value in (None, "", "none", "null"):
+        return None
+    if value == "tokenizer":  # the checkpoint the identifiers were encoded with (recorded in the artifact)
+        recorded = (ctx.artifact.meta.get("checkpoint") if ctx.artifact else None) or ""
+        path = Path(recorded) if Path(recorded).is_file() else ctx.artifact_dir / TOKENIZER_DIR / "last.ckpt"
+    else:
+        path = expand_path(value)
+    if not path.is_file():
+        raise FileNotFoundError(f"generator encoder_init={value!r}: {path} does not exist. Run the tokenizer stage "
+                                f"first (irgen.stage=tokenizer) or set irgen.generator.encoder_init=null")
+    return path
+
+
+def generator_stage(ctx: PipelineContext) -> dict[str, float]:
+    """Train the generator on the artifact's identifiers (or reuse/resume it), then evaluate on the test split.
+
+    Metrics: ``val/*`` and ``test/*`` are beam-search retrieval (the IRGen headline), ``*/knn/*`` exact kNN
+    over the same encoder's global features, optionally ``*/exhaustive/*``. The tokenizer stage's own ``val/*``
+    numbers (same run, stage=all) are renamed ``tokenizer/val/*`` so that nothing is silently overwritten.
+    """
+    cfg, dm = ctx.cfg, ctx.datamodule
+    artifact = ctx.identifiers()
+    gen_dir = ctx.artifact_dir / GENERATOR_DIR
+    claim_stage_folder(gen_dir, generator_signature(cfg, dm, artifact), ("last.ckpt", GENERATOR_DONE),
+                       "a generator trained", rebuild_command(cfg, "generator"))
+    for key in [k for k in ctx.metrics if k.startswith("val/")]:
+        ctx.metrics[f"tokenizer/{key}"] = ctx.metrics.pop(key)
+
+    model = build_model(cfg.irgen.generator, dm, code_depth=artifact.num_levels, codebook_size=artifact.num_codes)
+    model.set_identifiers(artifact.codes)
+    trainer = build_stage_trainer(cfg, "generator", gen_dir, monitor="val/R@1")
+    done, last = gen_dir / GENERATOR_DONE, gen_dir / "last.ckpt"
+    metrics: dict[str, float] = {}
+    if done.is_file():
+        best = json.loads(done.read_text())["checkpoint"]
+        log.info(f"generator: reusing the trained generator {best} (irgen.stage=generator irgen.rebuild=true "
+                 f"retrains it); evaluating with the current beam/eval settings")
+    else:
+        init = encoder_init_path(ctx, cfg.irgen.generator.get("encoder_init"))
+        if init is not None and not last.is_file():
+            log.info(f"generator: encoder initialised from {init}")
+            model.load_encoder_weights(init)
+        log_hyperparameters(trainer, cfg, model, dm)
+        if dm.split.val_is_test:
+            log.warning("generator: no validation split (dataset.val_fraction=0): checkpoint selection by val/R@1 "
+                        "sees the test set")
+        resume = resume_checkpoint(gen_dir)
+        if resume:
+            log.info(f"generator: resuming the interrupted stage from {resume}")
+        fit_or_exit(trainer, f"{this_command()}   (the generator stage resumes from {gen_dir})", model,
+                    datamodule=dm, ckpt_path=resume, weights_only=True)
+        metrics.update(logged_metrics(trainer, "val/", "train/"))
+        selected, _ = select_checkpoint(trainer, last)
+        best = str(selected or last)
+        if trainer.is_global_zero:
+            done.write_text(json.dumps({"checkpoint": best, "metrics": metrics}, indent=2, sort_keys=True))
+            write_run_overrides(gen_dir)  # `eval.py ckpt_path=<this folder's checkpoint>` needs nothing else
+        trainer.strategy.barrier()
+    if cfg.get("test", True):
+        log.info(f"generator: testing {best}")
+        trainer.test(model, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
+        metrics.update(logged_metrics(trainer, "test/"))
+    return metrics
+
+
+def clear_generator_outputs(artifact_dir: Path) -> None:
+    """``irgen.rebuild=true`` for the generator: remove its checkpoints, signature and completion marker."""
+    shutil.rmtree(artifact_dir / GENERATOR_DIR, ignore_errors=True)
+
+

@@ -1,0 +1,91 @@
+"""IRGen stage 1: train the tokenizer (or reuse / resume it), encode every record, save the identifier artifact
+and its statistics (`irgen.pipeline` runs it)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from irgen.artifact import IdentifierArtifact, load_artifact, save_artifact
+from irgen.identifier_stats import identifier_stats, quantized_retrieval
+from irgen.kmeans import effective_num_codes
+from irgen.signatures import artifact_expectation, claim_stage_folder
+from irgen.stage_context import ARTIFACT_NAME, PipelineContext, rebuild_command
+from irgen.stage_trainer import build_stage_trainer, load_weights, resume_checkpoint, select_checkpoint
+from irlab.reporting import write_metrics
+from irlab.train import build_model, fit_or_exit, log_hyperparameters, logged_metrics, this_command
+
+log = logging.getLogger("irgen.pipeline")  # one logger for every stage of the pipeline
+STATS_NAME = "identifier_stats.json"
+TOKENIZER_DIR = "tokenizer"
+
+
+def prefixed(stats: dict[str, float], prefix: str = "tokenizer/") -> dict[str, float]:
+    return {f"{prefix}{k}": float(v) for k, v in stats.items()}
+
+
+def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
+    """Train the tokenizer (or reuse/resume it), encode every record, save the artifact and its statistics."""
+    from irgen.tokenizer import encode_records  # the model module loads lazily: `import irgen.pipeline` stays light
+
+    cfg, dm = ctx.cfg, ctx.datamodule
+    expected = artifact_expectation(cfg, dm)
+    hint = rebuild_command(cfg, "tokenizer")
+    if ctx.artifact_path.exists():
+        ctx.artifact = load_artifact(ctx.artifact_path, expected=expected, rebuild_hint=hint)
+        log.info(f"tokenizer: reusing identifier artifact {ctx.artifact_path} (irgen.rebuild=true to rebuild)")
+        return prefixed(ctx.artifact.meta.get("stats", {}))
+
+    tok_dir = ctx.artifact_dir / TOKENIZER_DIR
+    model_cfg = cfg.irgen.tokenizer
+    n_train = len(dm.split.train_ids)
+    if model_cfg.get("kmeans_max_points"):
+        n_train = min(n_train, int(model_cfg.kmeans_max_points))
+    num_codes = effective_num_codes(int(model_cfg.num_codes), n_train, int(model_cfg.get("min_points_per_code", 4)))
+    model = build_model(model_cfg, dm, num_codes=num_codes)
+    claim_stage_folder(tok_dir, expected, ("last.ckpt",), "an interrupted tokenizer run (it cannot be resumed)", hint)
+    trainer = build_stage_trainer(cfg, "tokenizer", tok_dir)
+    log_hyperparameters(trainer, cfg, model, dm)
+    resume = resume_checkpoint(tok_dir)
+    if resume:
+        log.info(f"tokenizer: resuming the interrupted stage from {resume}")
+    fit_or_exit(trainer, f"{this_command()}   (the tokenizer stage resumes from {tok_dir})", model, datamodule=dm,
+                ckpt_path=resume, weights_only=True)
+    metrics = logged_metrics(trainer, "val/")
+
+    selected, selection = select_checkpoint(trainer, tok_dir / "last.ckpt")
+    log.info(f"tokenizer: encoding identifiers with the {selection} checkpoint ({selected})")
+    load_weights(model, selected)
+    codes, features = encode_records(model, dm)
+    recon = model.quantizer.decode(codes.to(model.device))[:, -1].cpu()
+    stats = identifier_stats(codes.numpy(), dm.record_labels(), model.quantizer.num_codes)
+    stats.update(quantized_retrieval(features.numpy(), recon.numpy(), codes.numpy(), dm.eval_set("test")))
+    meta = {**expected, "num_levels": model.quantizer.num_levels, "num_codes": model.quantizer.num_codes,
+            "num_codes_requested": int(model_cfg.num_codes), "stats": stats,
+            "checkpoint": str(selected), "checkpoint_selection": selection, "eval_split": "test"}
+    ctx.artifact = IdentifierArtifact(codes=codes, codebooks=model.quantizer.codebooks.detach().cpu(), meta=meta)
+    if trainer.is_global_zero:
+        save_artifact(ctx.artifact_path, ctx.artifact)
+        write_stats(ctx.artifact_dir / STATS_NAME, stats, meta)
+        for logger in trainer.loggers:
+            logger.log_metrics(prefixed(stats), step=trainer.global_step)
+            logger.save()
+        log.info(f"tokenizer: wrote {ctx.artifact_path} ({len(codes)} identifiers, "
+                 f"{int(stats['distinct_identifiers'])} distinct, collision rate {stats['collision_rate']:.3f})")
+    trainer.strategy.barrier()
+    return {**metrics, **prefixed(stats)}
+
+
+def write_stats(path: Path, stats: dict[str, float], meta: dict[str, Any]) -> Path:
+    """Identifier statistics with what they were measured on, next to the artifact (human-readable)."""
+    return write_metrics(path, stats, {"dataset": meta["dataset"], "num_levels": meta["num_levels"],
+                                       "num_codes": meta["num_codes"], "eval_split": meta["eval_split"]})
+
+
+def clear_tokenizer_outputs(artifact_dir: Path) -> None:
+    """``irgen.rebuild=true``: remove the identifier artifact, its statistics and the tokenizer's checkpoints."""
+    for name in (ARTIFACT_NAME, STATS_NAME):
+        (artifact_dir / name).unlink(missing_ok=True)
+    shutil.rmtree(artifact_dir / TOKENIZER_DIR, ignore_errors=True)
