@@ -1,7 +1,8 @@
 """End-to-end retrieval evaluation: embeddings (or ready-made rankings) in, a ``RetrievalReport`` out.
 
 ``evaluate_embeddings`` with ``with_map=True`` makes *one* pass over the query x gallery score matrix, a block
-of query rows at a time (a block is ~256 MB of float32, never the full matrix), and from each block derives
+of query rows at a time (a block is ~128 MB of float32, two alive at once, never the full matrix), and from
+each block derives
 
 * the top-k neighbours (``knn.topk_exact``, same tie rule as ``knn_search``), and
 * the exact 1-based rank of every relevant gallery item in the *full* ranking, for mAP:
@@ -19,7 +20,9 @@ processed in order of their number of relevant items so that one large class doe
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,8 +42,9 @@ from irlab.retrieval.metrics import (
 
 __all__ = ["RetrievalReport", "evaluate_embeddings", "evaluate_rankings"]
 
-#: target size of one dense float32 score block (rows x gallery) in bytes.
-_BLOCK_BYTES = 256 << 20
+#: target size of one dense float32 score block (rows x gallery) in bytes; two are alive at a time (the next
+#: block's product overlaps the rank counting of the previous one).
+_BLOCK_BYTES = 128 << 20
 #: switch from per-relevant-item comparison passes to a per-row stable argsort above this many relevant items.
 _SORT_THRESHOLD = 128
 #: rows per stable-argsort sub-block (two int64 [rows, G] temporaries).
@@ -49,6 +53,8 @@ _SORT_ROWS = 64
 #: candidates (~12 ns per candidate and relevant item) stops beating two comparison passes (~0.8 ns/entry).
 _RANK_ROWS = 128
 _CANDIDATE_FRACTION = 1 / 16
+#: at most this many threads for the per-block work after the matrix product
+_MAX_WORKERS = 8
 
 
 @dataclass
@@ -150,6 +156,14 @@ def _relevant_ranks(block: np.ndarray, rel_idx: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _worker_count() -> int:
+    """Threads for the per-block work after the matrix product (numpy releases the GIL in it)."""
+    try:
+        return max(1, min(len(os.sched_getaffinity(0)), _MAX_WORKERS))
+    except AttributeError:  # not Linux
+        return max(1, min(os.cpu_count() or 1, _MAX_WORKERS))
+
+
 def _fused_scan(
     q: np.ndarray,
     g: np.ndarray,
@@ -160,7 +174,11 @@ def _fused_scan(
     counts: np.ndarray,
     chunk_size: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One blocked pass over Q x G: (scores [Q,k], neighbours [Q,k], AP per query)."""
+    """One blocked pass over Q x G: (scores [Q,k], neighbours [Q,k], AP per query).
+
+    Each block's matrix product runs on BLAS threads and its top-k on torch's; the rank counting (single-
+    threaded numpy calls that release the GIL) runs on one thread per core over row slices of the block,
+    while the next block's product is computed."""
     n_q, n_g = q.shape[0], g.shape[0]
     order, starts, sizes = _relevant_table(qc, gc)
     scores = np.empty((n_q, k), dtype=np.float32)
@@ -168,15 +186,8 @@ def _fused_scan(
     ap = np.full(n_q, np.nan)
     rows_per_block = max(1, min(int(chunk_size), _BLOCK_BYTES // (4 * n_g)))
     perm = np.argsort(counts, kind="stable")  # similar R_i share a block -> fewer wasted passes
-    for lo in range(0, n_q, rows_per_block):
-        qi = perm[lo : lo + rows_per_block]
-        block = q[qi] @ g.T
-        ex = excl[qi] if excl is not None else None
-        if ex is not None:
-            has = np.flatnonzero(ex >= 0)
-            block[has, ex[has]] = -np.inf  # never counted above a finite score, never returned
-        scores[qi], neighbors[qi] = topk_exact(block, k)
 
+    def relevant_ap(block: np.ndarray, qi: np.ndarray, ex: np.ndarray | None) -> None:
         # Relevant gallery indices of each query: its label's group, minus the excluded index.
         width = int(sizes[qc[qi]].max(initial=0))
         j = np.arange(width)[None, :]
@@ -184,8 +195,26 @@ def _fused_scan(
         rel = np.where(j < size, order[np.minimum(starts[qc[qi]][:, None] + j, max(len(order) - 1, 0))], -1)
         if ex is not None:
             rel = np.where(rel == ex[:, None], -1, rel)
-        ranks = _relevant_ranks(block, rel)
-        ap[qi] = average_precision_from_ranks(ranks, counts[qi])
+        ap[qi] = average_precision_from_ranks(_relevant_ranks(block, rel), counts[qi])
+
+    workers = _worker_count()
+    pending: list = []
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for lo in range(0, n_q, rows_per_block):
+            qi = perm[lo : lo + rows_per_block]
+            block = q[qi] @ g.T  # overlaps the previous block's rank counting (two blocks alive at most)
+            ex = excl[qi] if excl is not None else None
+            if ex is not None:
+                has = np.flatnonzero(ex >= 0)
+                block[has, ex[has]] = -np.inf  # never counted above a finite score, never returned
+            for job in pending:
+                job.result()  # re-raises a worker's error
+            scores[qi], neighbors[qi] = topk_exact(block, k)  # multi-threaded itself (torch.topk)
+            step = -(-len(qi) // workers)
+            pending = [pool.submit(relevant_ap, block[a : a + step], qi[a : a + step],
+                                   None if ex is None else ex[a : a + step]) for a in range(0, len(qi), step)]
+        for job in pending:
+            job.result()
     return scores, neighbors, ap
 
 
@@ -207,7 +236,7 @@ def evaluate_embeddings(
     ``exclude`` (int64 [Q], -1 = none) removes one gallery index per query, e.g. the query itself when query
     and gallery are the same set; it is removed from the neighbours *and* from the relevant counts.
     ``with_map`` adds 'mAP' over the full ranking (exact, same tie rule) at the price of a dense blocked pass
-    on CPU; peak extra memory is one ~256 MB score block plus O(Q * k). ``chunk_size`` caps rows per block.
+    on CPU; peak extra memory is two ~128 MB score blocks plus O(Q * k). ``chunk_size`` caps rows per block.
     """
     q = prepare_embeddings(query_emb, "query_emb")
     g = prepare_embeddings(gallery_emb, "gallery_emb")

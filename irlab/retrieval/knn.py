@@ -83,14 +83,33 @@ def topk_exact(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of each row of a dense score block with the tie rule above. Returns (values, indices) [B, k].
 
     Entries set to -inf (excluded items) sort last; ``k`` must not exceed the number of finite entries per row
-    if excluded items must not appear. Works on row blocks so temporaries stay ~``_TOPK_BLOCK_ROWS`` rows.
+    if excluded items must not appear. With torch available, ``torch.topk`` (multi-threaded, ~4x faster than the
+    numpy selection here) proposes k + 1 candidates per row, which are ordered by the tie rule; rows whose k-th
+    and (k+1)-th candidates tie are redone exactly with numpy, as for faiss' candidates.
     """
     n_rows, n_cols = scores.shape
     k = min(int(k), n_cols)
+    if k == 0:
+        return np.empty((n_rows, 0), dtype=scores.dtype), np.empty((n_rows, 0), dtype=np.int64)
+    try:
+        import torch
+    except ImportError:  # metrics stay usable without torch
+        return _topk_numpy(scores, k)
+    if k == n_cols:
+        return _topk_numpy(scores, k)
+    values, ids = torch.topk(torch.from_numpy(np.ascontiguousarray(scores)), k + 1, dim=1)
+    vals, idx, redo = _resolve_candidates(values.numpy(), ids.numpy(), None, k, exhaustive=False)
+    vals = vals.astype(scores.dtype, copy=False)
+    if len(redo):
+        vals[redo], idx[redo] = _topk_numpy(scores[redo], k)
+    return vals, idx
+
+
+def _topk_numpy(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """`topk_exact` in numpy alone, on row blocks so temporaries stay ~``_TOPK_BLOCK_ROWS`` rows."""
+    n_rows, n_cols = scores.shape
     vals = np.empty((n_rows, k), dtype=scores.dtype)
     idx = np.empty((n_rows, k), dtype=np.int64)
-    if k == 0:
-        return vals, idx
     for lo in range(0, n_rows, _TOPK_BLOCK_ROWS):
         block = scores[lo : lo + _TOPK_BLOCK_ROWS]
         b = block.shape[0]
