@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 from areir.model import MEMBER_IMPLS, AREIRNet  # noqa: E402
+from irlab.memory import saved_activation_bytes  # noqa: E402
 
 
 def step(model: AREIRNet, images: torch.Tensor, labels: torch.Tensor, bf16: bool) -> torch.Tensor:
@@ -31,22 +32,6 @@ def step(model: AREIRNet, images: torch.Tensor, labels: torch.Tensor, bf16: bool
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), targets)
     loss.backward()
     return logits.detach().float()
-
-
-def saved_activation_bytes(model: AREIRNet, images: torch.Tensor, bf16: bool) -> int:
-    """Bytes of the distinct non-parameter storages autograd keeps for backward after one training forward:
-    the activation memory of a step, measurable on any device (CPU included)."""
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    autocast = torch.autocast(images.device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
-        model(images)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
 def sync(device: torch.device) -> None:
@@ -112,7 +97,7 @@ def main() -> None:
     for impl in impls:
         model.load_state_dict(state)
         model.member_impl, model.checkpoint_members = impl, args.checkpoint
-        saved = saved_activation_bytes(model, images, args.bf16) / 2**20
+        saved = saved_activation_bytes(lambda: model(images), model, args.bf16, device.type) / 2**20
         model.load_state_dict(state)
         model.eval()
         with torch.no_grad():

@@ -48,9 +48,8 @@ def build(name: str, toy: bool) -> tuple[torch.nn.Module, int, int, callable]:
 
         def loss(m, images):
             targets = torch.randint(0, 256, (len(images), 4), device=images.device)
-            memory = m.encoder(images)
-            logits = m.decoder(m.decoder.input_tokens(targets).unsqueeze(1), m.decoder.memory_kv(memory))
-            return torch.nn.functional.cross_entropy(logits.squeeze(1).float().flatten(0, 1), targets.flatten())
+            logits = m.teacher_forced_logits(m.encoder(images), targets)
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
         return model, 32 if toy else 224, 4 if toy else 64, loss
     raise ValueError(f"unknown model {name!r}")

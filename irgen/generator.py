@@ -183,12 +183,16 @@ class IRGenGenerator(RetrievalModule):
                 memory = self._memory_cache.tokens(batch["index"], batch["image"], self.encoder)
         else:
             memory = self.encoder(batch["image"])
-        logits = self.decoder(self.decoder.input_tokens(targets).unsqueeze(1), self.decoder.memory_kv(memory))
-        logits = logits.squeeze(1).float()  # [B, D, K]
+        logits = self.teacher_forced_logits(memory, targets)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), label_smoothing=self.hparams.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/code_acc", (logits.argmax(-1) == targets).float().mean())
         return loss
+
+    def teacher_forced_logits(self, memory: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Logits [B, D, K] of every level of the target identifiers [B, D] given the encoder tokens `memory`."""
+        logits = self.decoder(self.decoder.input_tokens(targets).unsqueeze(1), self.decoder.memory_kv(memory))
+        return logits.squeeze(1).float()
 
     def configure_optimizers(self):
         """The encoder at ``encoder_lr_scale`` x the decoder's rate (a frozen one is left out); no weight decay on
