@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from irlab.retrieval.knn import knn_search, prepare_embeddings, prepare_exclude, topk_exact
 from irlab.retrieval.metrics import (
@@ -176,9 +177,9 @@ def _fused_scan(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One blocked pass over Q x G: (scores [Q,k], neighbours [Q,k], AP per query).
 
-    Each block's matrix product runs on BLAS threads and its top-k on torch's; the rank counting (single-
-    threaded numpy calls that release the GIL) runs on one thread per core over row slices of the block,
-    while the next block's product is computed."""
+    Per block: the matrix product split into row slices over one thread per core (single-threaded BLAS each),
+    the top-k on torch's threads, and the rank counting (numpy calls that release the GIL) over row slices on
+    the same threads, overlapping the next block's product."""
     n_q, n_g = q.shape[0], g.shape[0]
     order, starts, sizes = _relevant_table(qc, gc)
     scores = np.empty((n_q, k), dtype=np.float32)
@@ -199,18 +200,22 @@ def _fused_scan(
 
     workers = _worker_count()
     pending: list = []
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    # BLAS at one thread, the product split over the workers instead: OpenBLAS' own threads spin ~0.1 s after
+    # every call, taking a core from the rank counting that runs beside the next product.
+    with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
         for lo in range(0, n_q, rows_per_block):
             qi = perm[lo : lo + rows_per_block]
-            block = q[qi] @ g.T  # overlaps the previous block's rank counting (two blocks alive at most)
+            step = -(-len(qi) // workers)
+            block = np.empty((len(qi), n_g), dtype=np.float32)
+            products = [pool.submit(np.matmul, q[qi[a : a + step]], g.T, out=block[a : a + step])
+                        for a in range(0, len(qi), step)]
+            for job in [*pending, *products]:
+                job.result()  # re-raises a worker's error; the previous block's ranks finish first
             ex = excl[qi] if excl is not None else None
             if ex is not None:
                 has = np.flatnonzero(ex >= 0)
                 block[has, ex[has]] = -np.inf  # never counted above a finite score, never returned
-            for job in pending:
-                job.result()  # re-raises a worker's error
             scores[qi], neighbors[qi] = topk_exact(block, k)  # multi-threaded itself (torch.topk)
-            step = -(-len(qi) // workers)
             pending = [pool.submit(relevant_ap, block[a : a + step], qi[a : a + step],
                                    None if ex is None else ex[a : a + step]) for a in range(0, len(qi), step)]
         for job in pending:
