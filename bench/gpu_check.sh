@@ -88,7 +88,7 @@ step() {  # step "<title>" command...: run, time, record exit code and output ta
 step "environment" $PY -c "import torch, lightning, sys; print(sys.version.split()[0], 'torch', torch.__version__, \
 'cuda', torch.version.cuda, 'lightning', lightning.__version__); print('GPU:', torch.cuda.get_device_name() \
 if torch.cuda.is_available() else 'none')"
-step "GPU-marked tests" $PY -m pytest -q -m gpu -p no:cacheprovider tests
+step "GPU-marked tests" $PY -m pytest -q -m gpu -p no:cacheprovider -o addopts=-ra tests  # no xdist there
 step "DDP, one process ($DDP_TRAINER), baseline debug=fast" $PY train.py $DDP_TRAINER $FAST
 step "baseline, $GPU_TRAINER, debug=fast" $PY train.py $GPU_TRAINER $FAST
 step "AREIR, $GPU_TRAINER, debug=fast" $PY train.py experiment=digits_areir $GPU_TRAINER $FAST
