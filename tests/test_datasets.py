@@ -20,7 +20,14 @@ from datamodules import (
     InShopDataModule,
     SOPDataModule,
 )
-from tests.fixtures.dataset_loading import SMALL, labels_of, loaded, replace_line, splits_of
+from tests.fixtures.dataset_loading import (
+    SMALL,
+    labels_of,
+    loaded,
+    malformed_line_error,
+    missing_image_error,
+    splits_of,
+)
 from tests.fixtures.fake_datasets import (
     CUB_TOP,
     GRAY_RECORD,
@@ -183,18 +190,12 @@ def test_cub_missing_annotation_file(fake_cub, missing):
     ],
 )
 def test_cub_malformed_line_names_file_and_line(fake_cub, file, line, text, match):
-    replace_line(fake_cub / CUB_TOP / file, line, text)
-    with pytest.raises(AnnotationError, match=match) as err:
-        loaded(CUBDataModule, fake_cub)
-    assert f"{file}:{line}:" in str(err.value)
+    malformed_line_error(CUBDataModule, fake_cub, fake_cub / CUB_TOP / file, line, text, match)
 
 
 def test_cub_missing_image_names_the_annotation_line(fake_cub):
-    dm = loaded(CUBDataModule, fake_cub)
-    Path(dm.records[4].path).unlink()
-    with pytest.raises(AnnotationError, match="does not exist") as err:
-        loaded(CUBDataModule, fake_cub)
-    assert "images.txt:5:" in str(err.value) and Path(dm.records[4].path).name in str(err.value)
+    error, name = missing_image_error(CUBDataModule, fake_cub, 4, "does not exist")
+    assert "images.txt:5:" in str(error) and name in str(error)
 
 
 def test_cub_inconsistent_ids_between_files(fake_cub):

@@ -4,7 +4,6 @@ splits, boxes, errors (CUB and CARS: tests/test_datasets.py)."""
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -14,7 +13,14 @@ from datamodules import (
     InShopDataModule,
     SOPDataModule,
 )
-from tests.fixtures.dataset_loading import labels_of, loaded, replace_line, splits_of
+from tests.fixtures.dataset_loading import (
+    labels_of,
+    loaded,
+    malformed_line_error,
+    missing_image_error,
+    replace_line,
+    splits_of,
+)
 from tests.fixtures.fake_datasets import (
     INSHOP_TOP,
     SOP_TOP,
@@ -61,17 +67,11 @@ def test_sop_missing_annotation_file(fake_sop):
     ],
 )
 def test_sop_malformed_line(fake_sop, line, text, match):
-    replace_line(fake_sop / SOP_TOP / "Ebay_train.txt", line, text)
-    with pytest.raises(AnnotationError, match=match) as err:
-        loaded(SOPDataModule, fake_sop)
-    assert f"Ebay_train.txt:{line}:" in str(err.value)
+    malformed_line_error(SOPDataModule, fake_sop, fake_sop / SOP_TOP / "Ebay_train.txt", line, text, match)
 
 
 def test_sop_missing_image(fake_sop):
-    dm = loaded(SOPDataModule, fake_sop)
-    Path(dm.records[7].path).unlink()
-    with pytest.raises(AnnotationError, match="Ebay_test.txt:3: image .* does not exist"):
-        loaded(SOPDataModule, fake_sop)
+    missing_image_error(SOPDataModule, fake_sop, 7, "Ebay_test.txt:3: image .* does not exist")
 
 
 def test_sop_test_classes_must_not_repeat_train_classes(fake_sop):
@@ -162,14 +162,8 @@ def test_inshop_missing_partition_or_images(fake_inshop):
     ],
 )  # fmt: skip
 def test_inshop_malformed_line(fake_inshop, file, line, text, match):
-    replace_line(fake_inshop / INSHOP_TOP / file, line, text)
-    with pytest.raises(AnnotationError, match=match) as err:
-        loaded(InShopDataModule, fake_inshop)
-    assert f"{Path(file).name}:{line}:" in str(err.value)
+    malformed_line_error(InShopDataModule, fake_inshop, fake_inshop / INSHOP_TOP / file, line, text, match)
 
 
 def test_inshop_missing_image(fake_inshop):
-    dm = loaded(InShopDataModule, fake_inshop)
-    Path(dm.records[10].path).unlink()
-    with pytest.raises(AnnotationError, match="list_eval_partition.txt:13: image .* does not exist"):
-        loaded(InShopDataModule, fake_inshop)
+    missing_image_error(InShopDataModule, fake_inshop, 10, "list_eval_partition.txt:13: image .* does not exist")
