@@ -380,3 +380,25 @@ def test_pr_curve_area_and_several_rankings_on_one_plot(tmp_path):
     full = {"recall": np.array([0.5, 1.0]), "precision": np.array([1.0, 1.0])}
     path = plot_pr_curve(truncated, tmp_path / "pr.png", others={"knn": full}, label="generative")
     assert path.is_file() and path.stat().st_size > 0
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_fused_map_equals_a_full_stable_sort_on_tight_clusters_with_ties(quantized):
+    """Tight classes send the rank counting down its candidate path (counting on the few items above a row's
+    lowest relevant score); quantized scores and duplicate images add ties, which must follow the index tie rule
+    exactly."""
+    rng = np.random.default_rng(3)
+    n, labels = 1500, rng.integers(0, 150, 1500)
+    centres = rng.standard_normal((150, 16)).astype(np.float32)
+    x = centres[labels] + 0.05 * rng.standard_normal((n, 16)).astype(np.float32)
+    if quantized:
+        x = np.round(x * 8) / 8
+        x[:100] = x[100:200]
+        labels[:100] = labels[100:200]
+    rep = evaluate_embeddings(x, x, labels, labels, exclude=np.arange(n), ks=KS)
+    scores = x @ x.T
+    np.fill_diagonal(scores, -np.inf)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :-1]  # the tie rule: equal scores by lower index
+    counts = count_relevant(labels, labels, np.arange(n))
+    ap = average_precision_full(order, labels, labels, relevant_counts=counts)
+    assert rep.metrics["mAP"] == pytest.approx(float(np.nanmean(ap)), abs=1e-12)
