@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from areir.meta_classes import build_assignment, count_collisions, is_balanced
 from areir.model import AREIRNet, count_parameters
 from irlab.module import RetrievalModule
-from irlab.optim import configure_optimization, require_optimizer
+from irlab.optim import module_optimization
 from irlab.plain import to_plain
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,4 @@ class AREIRModule(RetrievalModule):
 
     def configure_optimizers(self):
         """One group (the reference: Adam, rate x gamma at 50% and 70% of the epochs; conf/model/areir.yaml)."""
-        optimizer = require_optimizer(self.hparams.optimizer, type(self).__name__)
-        return configure_optimization(optimizer, self.hparams.scheduler, [{"params": self.parameters()}],
-                                      self.trainer)
+        return module_optimization(self, [{"params": self.parameters()}])

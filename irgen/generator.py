@@ -39,7 +39,7 @@ from irgen.trie import IdentifierTrie, validate_codes
 from irlab.checkpoints import read_state_dict
 from irlab.inference import evaluation_mode
 from irlab.module import RetrievalModule
-from irlab.optim import configure_optimization, require_optimizer
+from irlab.optim import module_optimization
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_rankings
 
@@ -198,13 +198,12 @@ class IRGenGenerator(RetrievalModule):
         """The encoder at ``encoder_lr_scale`` x the decoder's rate (a frozen one is left out); no weight decay on
         biases and norms (the reference's ``add_weight_decay``)."""
         hp = self.hparams
-        optimizer = require_optimizer(hp.optimizer, type(self).__name__)
         groups = []
         for module, scale in ((self.encoder, hp.encoder_lr_scale), (self.decoder, 1.0)):
             params = [p for p in module.parameters() if p.requires_grad]
             groups.append({"params": [p for p in params if p.dim() >= 2], "lr_scale": scale})
             groups.append({"params": [p for p in params if p.dim() < 2], "lr_scale": scale, "weight_decay": 0.0})
-        return configure_optimization(optimizer, hp.scheduler, groups, self.trainer)
+        return module_optimization(self, groups)
 
     # ---- retrieval for arbitrary queries (eval.py query=...) ------------------------------------------------
     score_name = "log-probability of the image's identifier"

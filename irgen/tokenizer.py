@@ -29,7 +29,7 @@ from irgen.quantizer import Quantized, ResidualQuantizer, perplexity
 from irlab.baseline import NormalizedSoftmaxLoss
 from irlab.inference import map_images
 from irlab.module import RetrievalModule
-from irlab.optim import configure_optimization, require_optimizer
+from irlab.optim import module_optimization
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
 
@@ -230,8 +230,7 @@ class IRGenTokenizer(RetrievalModule):
         heads = [p for m in (self.proj, self.classifier, self.partial_classifier) if m is not None
                  for p in m.parameters()]
         groups = [{"params": self.encoder.parameters(), "lr_scale": hp.encoder_lr_scale}, {"params": heads}]
-        optimizer = require_optimizer(hp.optimizer, type(self).__name__)
-        return configure_optimization(optimizer, hp.scheduler, groups, self.trainer)
+        return module_optimization(self, groups)
 
 
 def encode_records(model: IRGenTokenizer, datamodule) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from irlab.backbones import resnet_trunk
 from irlab.module import RetrievalModule
-from irlab.optim import configure_optimization, require_optimizer
+from irlab.optim import module_optimization
 from irlab.plain import to_plain
 
 
@@ -64,5 +64,4 @@ class EmbeddingBaseline(RetrievalModule):
             {"params": self.trunk.parameters(), "lr_scale": self.hparams.trunk_lr_scale},
             {"params": list(self.embedding.parameters()) + list(self.loss.parameters())},
         ]
-        optimizer = require_optimizer(self.hparams.optimizer, type(self).__name__)
-        return configure_optimization(optimizer, self.hparams.scheduler, groups, self.trainer)
+        return module_optimization(self, groups)

@@ -57,18 +57,22 @@ class RetrievalModule(L.LightningModule):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def unit_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """`embed` in float32, L2-normalised: what evaluation and query search compare by inner product."""
+        return F.normalize(self.embed(images).float(), dim=-1)
+
     # ---- retrieval for arbitrary queries (eval.py query=...: irlab.query) ------------------------------
     score_name = "cosine similarity"
 
     def index_gallery(self, loader, record_ids: np.ndarray | None = None) -> torch.Tensor:
         """What `search` ranks: the L2-normalised embeddings of every image of `loader` (in its order).
         ``record_ids`` are the dataset records behind them, None for images from outside the dataset."""
-        return map_images(self, lambda x: F.normalize(self.embed(x).float(), dim=-1), loader)
+        return map_images(self, self.unit_embedding, loader)
 
     def search(self, gallery_index, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The top-`k` gallery rows of each query image and their scores, ``[Q, k]`` each (-1 / NaN padded)."""
         with evaluation_mode(self):
-            queries = F.normalize(self.embed(images.to(self.device)).float(), dim=-1).cpu()
+            queries = self.unit_embedding(images.to(self.device)).cpu()
         scores, rows = torch.topk(queries @ gallery_index.T, min(k, len(gallery_index)), dim=1)
         pad = k - rows.shape[1]
         return (np.pad(rows.numpy(), ((0, 0), (0, pad)), constant_values=-1),
@@ -88,7 +92,7 @@ class RetrievalModule(L.LightningModule):
     def evaluation_outputs(self, batch: dict) -> dict[str, torch.Tensor]:
         """Named per-image outputs of an evaluation batch (first dimension: the batch), handed to `rank_gallery`
         in eval-set order. Methods that rank by more than an embedding add their own (IRGen: beams)."""
-        return {"embedding": F.normalize(self.embed(batch["image"]).float(), dim=-1)}
+        return {"embedding": self.unit_embedding(batch["image"])}
 
     def on_validation_epoch_start(self) -> None:
         self._eval_outputs = []

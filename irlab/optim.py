@@ -59,3 +59,10 @@ def configure_optimization(optimizer_cfg: Mapping, scheduler_cfg: Mapping | None
         return optimizer
     scheduler = hydra.utils.instantiate(dict(scheduler_cfg), _convert_="all")(optimizer, trainer)
     return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+def module_optimization(module, groups: list[dict]) -> torch.optim.Optimizer | dict[str, Any]:
+    """``configure_optimizers`` of a module whose hyper-parameters hold ``optimizer`` / ``scheduler`` nodes:
+    `configure_optimization` over its parameter `groups`, sized by its trainer."""
+    optimizer = require_optimizer(module.hparams.optimizer, type(module).__name__)
+    return configure_optimization(optimizer, module.hparams.scheduler, groups, module.trainer)
