@@ -54,7 +54,7 @@ _SORT_ROWS = 64
 #: candidates (~12 ns per candidate and relevant item) stops beating two comparison passes (~0.8 ns/entry).
 _RANK_ROWS = 128
 _CANDIDATE_FRACTION = 1 / 16
-#: at most this many threads for the per-block work after the matrix product
+#: at most this many threads for each block's product slices and rank counting
 _MAX_WORKERS = 8
 
 
@@ -158,7 +158,7 @@ def _relevant_ranks(block: np.ndarray, rel_idx: np.ndarray) -> np.ndarray:
 
 
 def _worker_count() -> int:
-    """Threads for the per-block work after the matrix product (numpy releases the GIL in it)."""
+    """Threads for each block's product slices and rank counting (numpy releases the GIL in both)."""
     try:
         return max(1, min(len(os.sched_getaffinity(0)), _MAX_WORKERS))
     except AttributeError:  # not Linux
