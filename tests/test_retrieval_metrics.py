@@ -245,7 +245,7 @@ def test_map_rank_strategies(monkeypatch, strategy, levels):
     counts = ref_counts(labels, labels, exclude)
     want = ref_metrics(rankings, labels, labels, counts, KS)
     monkeypatch.setattr(evaluate_mod, "_SORT_THRESHOLD", 0 if strategy == "sort" else 10_000)
-    monkeypatch.setattr(evaluate_mod, "_CANDIDATE_FRACTION", 0.0 if strategy == "passes" else 1.0)
+    monkeypatch.setattr(evaluate_mod, "_CANDIDATE_COST", float("inf") if strategy == "passes" else 0.0)
     monkeypatch.setattr(evaluate_mod, "_SORT_ROWS", 7)
     monkeypatch.setattr(evaluate_mod, "_RANK_ROWS", 5)
     rep = evaluate_embeddings(g, g, labels, labels, exclude=exclude, ks=KS, chunk_size=9)
@@ -402,3 +402,26 @@ def test_fused_map_equals_a_full_stable_sort_on_tight_clusters_with_ties(quantiz
     counts = count_relevant(labels, labels, np.arange(n))
     ap = average_precision_full(order, labels, labels, relevant_counts=counts)
     assert rep.metrics["mAP"] == pytest.approx(float(np.nanmean(ap)), abs=1e-12)
+    if quantized:  # dyadic values: every product is exact, so the neighbours must be the sort's too
+        np.testing.assert_array_equal(rep.neighbors, order[:, : rep.neighbors.shape[1]])
+
+
+@pytest.mark.parametrize("path", ["keys", "passes"])
+def test_ranks_and_topk_equal_a_stable_sort_on_signed_zeros_ties_and_excluded(monkeypatch, path):
+    """The packed (row | score | ~column) keys order negative scores, -0.0 == 0.0, duplicates and -inf
+    (excluded) entries exactly as a stable sort of -scores; so does the comparison-pass fallback."""
+    monkeypatch.setattr(evaluate_mod, "_CANDIDATE_COST", 0.0 if path == "keys" else float("inf"))
+    monkeypatch.setattr(evaluate_mod, "_RANK_ROWS", 3)  # several sub-blocks
+    rng = np.random.default_rng(11)
+    block = rng.choice(np.array([-1.5, -0.25, -0.0, 0.0, 0.125, 0.5, 2.0], np.float32), size=(8, 300))
+    block[np.arange(8), rng.integers(0, 300, 8)] = -np.inf
+    rel = np.stack([rng.choice(300, 5, replace=False) for _ in range(8)])
+    rel[block[np.arange(8)[:, None], rel] == -np.inf] = -1  # an excluded item is never relevant
+    rel[2, 3:] = -1  # padding
+    rel[5] = -1  # a query without relevant items
+    ranks, scores, neighbors = evaluate_mod._ranks_and_topk(block, rel, 7)
+    order = np.argsort(-block, axis=1, kind="stable")
+    position = np.argsort(order, axis=1) + 1
+    np.testing.assert_array_equal(ranks, np.where(rel >= 0, np.take_along_axis(position, rel, axis=1), 0))
+    np.testing.assert_array_equal(neighbors, order[:, :7])
+    np.testing.assert_array_equal(scores, np.take_along_axis(block, order[:, :7], axis=1))

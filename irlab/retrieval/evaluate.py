@@ -4,7 +4,7 @@
 of query rows at a time (a block is ~128 MB of float32, two alive at once, never the full matrix), and from
 each block derives
 
-* the top-k neighbours (``knn.topk_exact``, same tie rule as ``knn_search``), and
+* the top-k neighbours (same tie rule as ``knn_search``), and
 * the exact 1-based rank of every relevant gallery item in the *full* ranking, for mAP:
   ``rank(j) = #{g : s_g > s_j} + #{g < j : s_g == s_j} + 1`` (descending score, ties -> lower gallery index).
 
@@ -12,10 +12,11 @@ Both come from the same float32 numbers, so neighbours, MAP@R and mAP can never 
 and the matrix product -- the dominant cost on CPU -- is paid once instead of twice (faiss for kNN plus a
 second pass for mAP). Without mAP the search goes through ``knn_search`` (faiss, GPU when available).
 
-Ranks are counted on the few gallery items that can precede a query's relevant items (those scoring at
-least as high as its lowest relevant item); blocks where that is a large share fall back to comparison
-passes, and blocks whose largest class exceeds ``_SORT_THRESHOLD`` to a stable argsort per row. Queries are
-processed in order of their number of relevant items so that one large class does not dictate a block's work.
+Usually both come from one sort of a few candidates per row: the gallery items scoring at least as high as
+the row's lowest relevant item or a bound on its k-th score, packed into int64 keys that order them by the
+tie rule. Blocks where candidates are a large share fall back to comparison passes (and ``topk_exact``),
+blocks whose largest class exceeds ``_SORT_THRESHOLD`` to a stable argsort per row. Queries are processed in
+order of their number of relevant items so that one large class does not dictate a block's work.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from irlab.retrieval.knn import knn_search, prepare_embeddings, prepare_exclude, topk_exact
+from irlab.retrieval.knn import knn_search, kth_lower_bound, prepare_embeddings, prepare_exclude, topk_exact
 from irlab.retrieval.metrics import (
     as_numpy,
     average_precision_from_ranks,
@@ -50,10 +51,11 @@ _BLOCK_BYTES = 128 << 20
 _SORT_THRESHOLD = 128
 #: rows per stable-argsort sub-block (two int64 [rows, G] temporaries).
 _SORT_ROWS = 64
-#: rows per rank-counting sub-block, and the share of a sub-block's entries above which counting on extracted
-#: candidates (~12 ns per candidate and relevant item) stops beating two comparison passes (~0.8 ns/entry).
+#: rows per rank-counting sub-block, and what extracting and sorting one candidate costs in entries of a
+#: comparison pass (~58 ns vs ~0.9 ns measured): candidates are used while cheaper than two passes per
+#: relevant item.
 _RANK_ROWS = 128
-_CANDIDATE_FRACTION = 1 / 16
+_CANDIDATE_COST = 64
 #: at most this many threads for each block's product slices and rank counting
 _MAX_WORKERS = 8
 
@@ -120,41 +122,82 @@ def _ranks_by_passes(block: np.ndarray, rel_idx: np.ndarray, thr: np.ndarray) ->
     return ranks
 
 
-def _relevant_ranks(block: np.ndarray, rel_idx: np.ndarray) -> np.ndarray:
-    """1-based full-ranking rank of each relevant item (``rel_idx`` [B, W], -1 = padding -> rank 0).
+def _order_keys(values: np.ndarray) -> np.ndarray:
+    """Non-negative int64 keys in [0, 2**32) ordered like the float32 ``values`` (-0.0 equal to 0.0; no NaN):
+    the IEEE bits as a signed integer with the magnitude bits of negative numbers flipped, shifted by 2**31."""
+    bits = (values.astype(np.float32, copy=False) + np.float32(0)).view(np.int32)  # -0.0 + 0 = +0.0
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).astype(np.int64) + (1 << 31)
 
+
+def _tie_rule_keys(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, col_bits: int) -> np.ndarray:
+    """``row | order_key(score) | ~col`` packed in an int64: within a row, a larger key ranks earlier under the
+    tie rule (higher score, then lower gallery index), and rows never overlap."""
+    col_mask = (1 << col_bits) - 1
+    return (rows << (32 + col_bits)) | (_order_keys(values) << col_bits) | (col_mask - cols)
+
+
+def _ranks_and_topk_by_keys(
+    sub: np.ndarray, rel: np.ndarray, thr: np.ndarray, flat: np.ndarray, k: int, col_bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ranks of the relevant items and the top-k, both from the candidates ``flat`` sorted once.
+
+    The candidates (row-major flat indices into ``sub``) are every entry at or above the lower of the lowest
+    relevant score and a bound on the k-th largest, so they hold each row's top-k and everything that can
+    precede a relevant item. Sorted as ``_tie_rule_keys``, a relevant item's rank is the number of its row's
+    keys above its own plus one (the tie rule exactly, no special case), and the top-k are the last k keys of
+    its row.
+    """
+    n_rows, n_cols = sub.shape
+    rows = flat // n_cols
+    cols = flat - rows * n_cols
+    keys = _tie_rule_keys(rows, cols, sub.reshape(-1)[flat], col_bits)
+    keys.sort()
+    ends = np.searchsorted(flat, np.arange(1, n_rows + 1, dtype=np.int64) * n_cols)  # rows stay in place
+    ok = rel >= 0
+    row_ids = np.broadcast_to(np.arange(n_rows, dtype=np.int64)[:, None], rel.shape)
+    rel_keys = _tie_rule_keys(row_ids, np.where(ok, rel, 0), thr, col_bits)
+    ranks = np.where(ok, ends[:, None] - np.searchsorted(keys, rel_keys, side="right") + 1, 0)
+    top = keys[ends[:, None] - 1 - np.arange(k)[None, :]]
+    neighbors = (1 << col_bits) - 1 - (top & ((1 << col_bits) - 1))
+    return ranks, np.take_along_axis(sub, neighbors, axis=1), neighbors
+
+
+def _ranks_and_topk(block: np.ndarray, rel_idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ranks [B, W], top-k scores [B, k], top-k indices [B, k]) of a score block.
+
+    ``ranks``: the 1-based full-ranking rank of each relevant item (``rel_idx``, -1 = padding -> rank 0).
     Only gallery items scoring at least as high as a row's *lowest* relevant item can precede any of its
-    relevant items. When those candidates are a small part of the row (the usual case for a useful model),
-    they are extracted once and each relevant item's rank is counted on them:
-    ``#{s_g > s_j} + #{s_g == s_j, g < j} + 1`` -- the tie rule, with no special case. Otherwise (deep
-    relevant items) the row block is scanned with comparison passes; for very large classes it is sorted.
+    relevant items. When those candidates (with the row's top-k candidates) are few enough that sorting them
+    beats scanning the rows once per relevant item -- the usual case for a useful model -- one sort gives the
+    ranks and the top-k (``_ranks_and_topk_by_keys``). Otherwise (deep relevant items, heavy ties) the rows
+    are scanned with comparison passes, very large classes are sorted row by row, and the top-k comes from
+    ``topk_exact``.
     """
     n_rows, width = rel_idx.shape
-    if width == 0:
-        return np.zeros((n_rows, 0), dtype=np.int64)
     if width > _SORT_THRESHOLD:
-        return _ranks_by_sort(block, rel_idx)
+        return (_ranks_by_sort(block, rel_idx), *topk_exact(block, k))
+    col_bits = max(1, (block.shape[1] - 1).bit_length())
+    rows_per_sub = min(_RANK_ROWS, 1 << max(0, 31 - col_bits))  # row | score | column fit in 63 bits
     ranks = np.zeros((n_rows, width), dtype=np.int64)
-    for lo in range(0, n_rows, _RANK_ROWS):
-        sub, rel = block[lo : lo + _RANK_ROWS], rel_idx[lo : lo + _RANK_ROWS]
+    scores = np.empty((n_rows, k), dtype=block.dtype)
+    neighbors = np.empty((n_rows, k), dtype=np.int64)
+    for lo in range(0, n_rows, rows_per_sub):
+        part = slice(lo, lo + rows_per_sub)
+        sub, rel = block[part], rel_idx[part]
         ok = rel >= 0
-        thr = np.where(ok, np.take_along_axis(sub, np.where(ok, rel, 0), axis=1), np.inf)
-        mask = sub >= thr.min(axis=1)[:, None]  # rows without relevant items: threshold inf, no candidate
-        if np.count_nonzero(mask) > _CANDIDATE_FRACTION * sub.size:
-            ranks[lo : lo + _RANK_ROWS] = _ranks_by_passes(sub, rel, thr.astype(sub.dtype))
-            continue
-        flat = np.flatnonzero(mask)  # row-major: candidates come grouped by row
-        rows = flat // sub.shape[1]
-        cols = flat - rows * sub.shape[1]
-        vals = sub.reshape(-1)[flat]
-        per_row = np.bincount(rows, minlength=sub.shape[0])
-        ends = np.cumsum(per_row)
-        for m in range(width):
-            t, j = np.repeat(thr[:, m], per_row), np.repeat(rel[:, m], per_row)
-            before = np.concatenate([[0], np.cumsum((vals > t) | ((vals == t) & (cols < j)))])
-            count = before[ends] - before[ends - per_row]
-            ranks[lo : lo + _RANK_ROWS, m] = np.where(ok[:, m], count + 1, 0)
-    return ranks
+        thr = np.where(ok, np.take_along_axis(sub, np.where(ok, rel, 0), axis=1), np.inf).astype(sub.dtype)
+        # rows without relevant items: threshold inf, candidates for the top-k only
+        bound = np.minimum(thr.min(axis=1, initial=np.inf), kth_lower_bound(sub, k))
+        mask = sub >= bound[:, None]
+        n_candidates = np.count_nonzero(mask)
+        if col_bits <= 31 and n_candidates * _CANDIDATE_COST <= max(2 * width, 1) * sub.size:
+            ranks[part], scores[part], neighbors[part] = _ranks_and_topk_by_keys(
+                sub, rel, thr, np.flatnonzero(mask), k, col_bits
+            )
+        else:
+            ranks[part] = _ranks_by_passes(sub, rel, thr)
+            scores[part], neighbors[part] = topk_exact(sub, k)
+    return ranks, scores, neighbors
 
 
 def _worker_count() -> int:
@@ -178,8 +221,8 @@ def _fused_scan(
     """One blocked pass over Q x G: (scores [Q,k], neighbours [Q,k], AP per query).
 
     Per block: the matrix product split into row slices over one thread per core (single-threaded BLAS each),
-    the top-k on torch's threads, and the rank counting (numpy calls that release the GIL) over row slices on
-    the same threads, overlapping the next block's product."""
+    then the top-k and the rank counting (numpy calls that release the GIL) over row slices on the same
+    threads, overlapping the next block's product."""
     n_q, n_g = q.shape[0], g.shape[0]
     order, starts, sizes = _relevant_table(qc, gc)
     scores = np.empty((n_q, k), dtype=np.float32)
@@ -188,7 +231,7 @@ def _fused_scan(
     rows_per_block = max(1, min(int(chunk_size), _BLOCK_BYTES // (4 * n_g)))
     perm = np.argsort(counts, kind="stable")  # similar R_i share a block -> fewer wasted passes
 
-    def relevant_ap(block: np.ndarray, qi: np.ndarray, ex: np.ndarray | None) -> None:
+    def rank_rows(block: np.ndarray, qi: np.ndarray, ex: np.ndarray | None) -> None:
         # Relevant gallery indices of each query: its label's group, minus the excluded index.
         width = int(sizes[qc[qi]].max(initial=0))
         j = np.arange(width)[None, :]
@@ -196,27 +239,31 @@ def _fused_scan(
         rel = np.where(j < size, order[np.minimum(starts[qc[qi]][:, None] + j, max(len(order) - 1, 0))], -1)
         if ex is not None:
             rel = np.where(rel == ex[:, None], -1, rel)
-        ap[qi] = average_precision_from_ranks(_relevant_ranks(block, rel), counts[qi])
+        ranks, scores[qi], neighbors[qi] = _ranks_and_topk(block, rel, k)
+        ap[qi] = average_precision_from_ranks(ranks, counts[qi])
 
     workers = _worker_count()
     pending: list = []
+    # Two score buffers used in turn, allocated once: a fresh 128 MB array per block costs ~15% of its product
+    # in page faults. Block b's product writes into one while block b-1's ranking still reads the other.
+    n_blocks = -(-n_q // rows_per_block)
+    buffers = [np.empty((min(rows_per_block, n_q), n_g), dtype=np.float32) for _ in range(min(2, n_blocks))]
     # BLAS at one thread, the product split over the workers instead: OpenBLAS' own threads spin ~0.1 s after
     # every call, taking a core from the rank counting that runs beside the next product.
     with threadpool_limits(limits=1, user_api="blas"), ThreadPoolExecutor(max_workers=workers) as pool:
-        for lo in range(0, n_q, rows_per_block):
+        for b, lo in enumerate(range(0, n_q, rows_per_block)):
             qi = perm[lo : lo + rows_per_block]
             step = -(-len(qi) // workers)
-            block = np.empty((len(qi), n_g), dtype=np.float32)
+            block = buffers[b % len(buffers)][: len(qi)]
             products = [pool.submit(np.matmul, q[qi[a : a + step]], g.T, out=block[a : a + step])
                         for a in range(0, len(qi), step)]
             for job in [*pending, *products]:
-                job.result()  # re-raises a worker's error; the previous block's ranks finish first
+                job.result()  # re-raises a worker's error; the block before finishes first
             ex = excl[qi] if excl is not None else None
             if ex is not None:
                 has = np.flatnonzero(ex >= 0)
                 block[has, ex[has]] = -np.inf  # never counted above a finite score, never returned
-            scores[qi], neighbors[qi] = topk_exact(block, k)  # multi-threaded itself (torch.topk)
-            pending = [pool.submit(relevant_ap, block[a : a + step], qi[a : a + step],
+            pending = [pool.submit(rank_rows, block[a : a + step], qi[a : a + step],
                                    None if ex is None else ex[a : a + step]) for a in range(0, len(qi), step)]
         for job in pending:
             job.result()

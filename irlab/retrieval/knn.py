@@ -25,7 +25,7 @@ logging.getLogger("faiss.loader").setLevel(logging.WARNING)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["knn_search", "topk_exact", "prepare_embeddings", "prepare_exclude"]
+__all__ = ["knn_search", "topk_exact", "kth_lower_bound", "prepare_embeddings", "prepare_exclude"]
 
 #: faiss' GPU brute-force k-selection is limited to this k (GPU_MAX_SELECTION_K); larger k falls back to CPU.
 _GPU_MAX_K = 2048
@@ -59,22 +59,31 @@ def prepare_exclude(exclude: Any, n_queries: int, n_gallery: int) -> np.ndarray 
     return ex if np.any(ex >= 0) else None
 
 
-def _candidates(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, cols) of entries >= a per-row lower bound of the k-th largest value (so >= k per row).
+def kth_lower_bound(block: np.ndarray, k: int) -> np.ndarray:
+    """Per row, a value <= the row's k-th largest entry, usually close to it (float32 [B]).
 
-    The bound is the k-th largest of the maxima of 64-column groups: those k maxima are k distinct entries, so
-    the k-th largest entry is at least as large. One max-reduction plus a selection over G/64 values is ~3x
-    cheaper than ``np.partition`` over G. With heavy ties the bound can admit too many entries; then the exact
-    k-th value is used instead (entries >= it: k plus the ties at position k).
+    The k-th largest of the maxima of 64-column groups: those k maxima are k distinct entries, so the k-th
+    largest entry is at least as large. One max-reduction plus a selection over G/64 values is ~3x cheaper
+    than ``np.partition`` over G, which is used (exact) where the row is too short for groups.
     """
-    n_rows, n_cols = block.shape
+    n_cols = block.shape[1]
     group = 64
     if n_cols >= 4 * group and n_cols // group >= k:
         maxima = np.maximum.reduceat(block, np.arange(0, n_cols, group), axis=1)
-        bound = np.partition(maxima, maxima.shape[1] - k, axis=1)[:, maxima.shape[1] - k]
-        mask = block >= bound[:, None]
-        if np.count_nonzero(mask) <= n_rows * (16 * k + 256):
-            return np.nonzero(mask)
+        return np.partition(maxima, maxima.shape[1] - k, axis=1)[:, maxima.shape[1] - k]
+    return np.partition(block, n_cols - k, axis=1)[:, n_cols - k]
+
+
+def _candidates(block: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of entries >= a per-row lower bound of the k-th largest value (so >= k per row).
+
+    With heavy ties the bound (``kth_lower_bound``) can admit too many entries; then the exact k-th value is
+    used instead (entries >= it: k plus the ties at position k).
+    """
+    n_rows, n_cols = block.shape
+    mask = block >= kth_lower_bound(block, k)[:, None]
+    if np.count_nonzero(mask) <= n_rows * (16 * k + 256):
+        return np.nonzero(mask)
     kth = np.partition(block, n_cols - k, axis=1)[:, n_cols - k]
     return np.nonzero(block >= kth[:, None])
 
