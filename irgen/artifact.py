@@ -29,9 +29,12 @@ class StaleArtifactError(RuntimeError):
     """The identifier artifact on disk was not built from this dataset/split/config (or was modified)."""
 
 
+NO_IDENTIFIER = -1  # the code row of a record the pipeline does not need encoded (test queries)
+
+
 @dataclass
 class IdentifierArtifact:
-    codes: torch.Tensor  # int64 [N_records, D]: identifier of every record (index = record id), train and eval
+    codes: torch.Tensor  # int64 [N_records, D]: identifier of each record (index = record id); NO_IDENTIFIER rows
     codebooks: torch.Tensor  # float32 [D, K, dim]
     meta: dict[str, Any] = field(default_factory=dict)  # json-able: version, dataset, tokenizer, stats, sha256
 
@@ -87,8 +90,9 @@ def save_artifact(path: str | Path, artifact: IdentifierArtifact) -> Path:
     if codes.ndim != 2 or codebooks.ndim != 3 or codes.shape[1] != codebooks.shape[0]:
         raise ValueError(f"codes must be [N, D] and codebooks [D, K, dim], got {tuple(codes.shape)} and "
                          f"{tuple(codebooks.shape)}")
-    if codes.numel() and (codes.min() < 0 or codes.max() >= codebooks.shape[1]):
-        raise ValueError(f"code ids must lie in [0, {codebooks.shape[1]})")
+    encoded = codes[(codes != NO_IDENTIFIER).any(1)]
+    if encoded.numel() and (encoded.min() < 0 or encoded.max() >= codebooks.shape[1]):
+        raise ValueError(f"code ids must lie in [0, {codebooks.shape[1]}) (or a whole row of {NO_IDENTIFIER})")
     meta = dict(artifact.meta, version=ARTIFACT_VERSION, sha256=content_hash(codes, codebooks))
     meta_json = json.dumps(meta, sort_keys=True)  # raises on anything that is not json-able
     artifact.meta = json.loads(meta_json)

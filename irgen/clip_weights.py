@@ -59,6 +59,10 @@ class CLIPSpec:
 CLIP_SPECS = {"clip_vit_b_16": CLIPSpec(16, 768, 12, 12, 3072, 512, 14)}
 
 
+# what ``output="transformer"`` leaves out of the model: CLIP's ln_post and proj (converted key names)
+UNUSED_BY_TRANSFORMER_OUTPUT = ("vit.encoder.ln.", "proj.")
+
+
 class QuickGELU(nn.Module):
     """CLIP's activation: x * sigmoid(1.702 x) (not the same function as GELU)."""
 
@@ -176,17 +180,26 @@ class CLIPViTEncoder(ImageEncoder):
         for layer in self.vit.encoder.layers:
             layer.mlp[1] = QuickGELU()
         self.vit.heads = nn.Identity()
-        self.proj = nn.Identity() if spec.output_dim is None else nn.Linear(spec.width, spec.output_dim, bias=False)
+        if output == "transformer":
+            # the reference's tokens: no ln_post, no projection. They are not built at all: parameters without
+            # gradients stop DDP (find_unused_parameters=False) at its second step
+            self.vit.encoder.ln = nn.Identity()
+            self.proj = nn.Identity()
+        else:
+            self.proj = nn.Identity() if spec.output_dim is None else nn.Linear(spec.width, spec.output_dim,
+                                                                                 bias=False)
         self.dim = spec.output_dim or spec.width if output == "projected" else spec.width
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.vit._process_input(images)
         cls = self.vit.class_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
-        if self.output == "transformer":  # the reference's tokens: no ln_post, no projection
-            encoder = self.vit.encoder
-            return encoder.layers(encoder.dropout(x + encoder.pos_embedding))
-        return self.proj(self.vit.encoder(x))
+        return self.proj(self.vit.encoder(torch.cat([cls, x], dim=1)))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.output == "transformer":  # CLIP files and older checkpoints hold the layers this output skips
+            for key in [k for k in state_dict if k.startswith(tuple(prefix + u for u in UNUSED_BY_TRANSFORMER_OUTPUT))]:
+                state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def build_clip_encoder(arch: str, image_size: int = 224, pretrained: bool | str = False,

@@ -183,7 +183,10 @@ class IdentifierDecoder(nn.Module):
             x = block(x, memory_kv[i], cache, i)
         h = self.ln_f(x)
         w, b = self.head_weight[pos : pos + t], self.head_bias[pos : pos + t]
-        return torch.einsum("qgtc,tkc->qgtk", h, w) + b
+        # float32 logits even inside bf16 autocast: bf16 rounds them by 0.03-0.06 nats, enough to reorder close
+        # beams; the head is one small product per step, so this costs little
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.einsum("qgtc,tkc->qgtk", h.float(), w.float()) + b.float()
 
     def sequence_log_probs(self, codes: torch.Tensor, memory_kv: list) -> torch.Tensor:
         """Teacher-forced log p(identifier | image) ``[Q, G]`` for identifiers ``[Q, G, D]`` (summed over levels)."""

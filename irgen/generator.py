@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from irgen.artifact import NO_IDENTIFIER
 from irgen.beam_search import beam_search
 from irgen.decoder import DecoderConfig, IdentifierDecoder
 from irgen.encoders import build_encoder_from_config
@@ -65,6 +66,17 @@ def draw_same_class(labels: np.ndarray, seed: int, epoch: int, pool_labels: np.n
         raise ValueError(f"no target image for training classes {missing}: the target pool must hold every class")
     pick = start[cls] + np.floor(rng.random(len(labels)) * size[cls]).astype(np.int64)
     return order[pick]
+
+
+def identifiers_of(codes: torch.Tensor, record_ids: np.ndarray) -> np.ndarray:
+    """The identifiers of `record_ids`; a clear error for records the tokenizer stage did not encode."""
+    out = codes.cpu().numpy()[np.asarray(record_ids)]
+    missing = (out == NO_IDENTIFIER).all(1) if len(out) else np.zeros(0, bool)
+    if missing.any():
+        raise ValueError(f"{int(missing.sum())} of {len(out)} records have no identifier (e.g. record "
+                         f"{int(np.asarray(record_ids)[missing][0])}): the tokenizer stage encodes the training "
+                         f"targets, the validation set and the test gallery only")
+    return out
 
 
 class IRGenGenerator(RetrievalModule):
@@ -114,7 +126,10 @@ class IRGenGenerator(RetrievalModule):
     # ---- identifiers -------------------------------------------------------------------------------------
     def set_identifiers(self, codes: torch.Tensor | np.ndarray) -> None:
         """Identifier of every datamodule record, ``int64 [N_records, D]`` (the artifact's ``codes``)."""
-        arr = validate_codes(codes, self.hparams.codebook_size)
+        arr = np.asarray(codes.detach().cpu() if isinstance(codes, torch.Tensor) else codes)
+        encoded = (arr != NO_IDENTIFIER).any(1) if arr.ndim == 2 else np.ones(len(arr), bool)
+        validate_codes(arr[encoded], self.hparams.codebook_size)  # rows of NO_IDENTIFIER: records never emitted
+        arr = arr.astype(np.int64)
         if arr.shape[1] != self.hparams.code_depth:
             raise ValueError(f"identifiers have {arr.shape[1]} levels but the generator was built for "
                              f"code_depth={self.hparams.code_depth}; build it from the artifact's shape")
@@ -147,7 +162,7 @@ class IRGenGenerator(RetrievalModule):
         if self.codes.shape[0] != dm.num_records:
             raise ValueError(f"the generator holds identifiers for {self.codes.shape[0]} records but the datamodule "
                              f"has {dm.num_records}: the artifact belongs to another dataset/protocol")
-        return self.codes.cpu().numpy()[np.asarray(record_ids)]
+        return identifiers_of(self.codes, record_ids)
 
     # ---- training ---------------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -216,7 +231,7 @@ class IRGenGenerator(RetrievalModule):
                              "it was trained with: drop gallery= to search that dataset's test gallery")
         if self.codes.shape[0] == 0:
             raise RuntimeError("the generator has no identifiers: load a generator checkpoint (it carries them)")
-        codes = self.codes.cpu().numpy()[np.asarray(record_ids)]
+        codes = identifiers_of(self.codes, record_ids)
         return IdentifierTrie.build(codes, self.hparams.codebook_size).to(self.device)
 
     def search(self, gallery_index: IdentifierTrie, images: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:

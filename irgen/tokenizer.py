@@ -14,20 +14,20 @@ feature as ``val/raw_R@1``, so checkpoint selection looks at what the identifier
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Subset
 
 from irgen.encoders import build_encoder_from_config
 from irgen.kmeans import check_enough_points
 from irgen.quantizer import Quantized, ResidualQuantizer, perplexity
 from irlab.baseline import NormalizedSoftmaxLoss
-from irlab.inference import map_images
+from irlab.inference import map_dataset_sharded
 from irlab.module import RetrievalModule
 from irlab.optim import module_optimization
 from irlab.plain import to_plain
@@ -64,6 +64,7 @@ class IRGenTokenizer(RetrievalModule):
         ema_decay: float = 0.9,
         dead_code_threshold: float = 0.1,
         kmeans_niter: int = 20,
+        refit_every: int = 1,
         kmeans_max_points: int | None = None,
         min_points_per_code: int = 4,
         loss_weights: Mapping | None = None,
@@ -80,6 +81,8 @@ class IRGenTokenizer(RetrievalModule):
         loss_weights = {**DEFAULT_LOSS, **dict(to_plain(loss_weights) or {})}
         if set(loss_weights) - set(DEFAULT_LOSS):
             raise ValueError(f"loss_weights keys must be {sorted(DEFAULT_LOSS)}, got {sorted(loss_weights)}")
+        if refit_every < 1:
+            raise ValueError(f"refit_every must be >= 1 (epochs between codebook re-fits), got {refit_every}")
         if codebook_update not in UPDATES:
             raise ValueError(f"codebook_update must be one of {UPDATES}, got {codebook_update!r}")
         if loss_form not in LOSS_FORMS or head not in HEADS:
@@ -153,26 +156,42 @@ class IRGenTokenizer(RetrievalModule):
         return loss
 
     # ---- codebook fitting -----------------------------------------------------------------------------
-    def training_features(self) -> torch.Tensor:
-        """Features of the training split with the evaluation transform (at most ``kmeans_max_points``)."""
+    def training_features(self) -> torch.Tensor | None:
+        """Features of the training split with the evaluation transform (at most ``kmeans_max_points``), on global
+        rank 0 (None on the others): every rank encodes its shard on its device under the trainer's precision."""
         dm = self.trainer.datamodule
         dataset = dm.train_dataset(transform=dm.eval_transform())
         limit = self.hparams.kmeans_max_points
         if limit and len(dataset) > limit:
             rng = np.random.default_rng(self.hparams.seed + max(0, self.current_epoch))
-            dataset = Subset(dataset, np.sort(rng.choice(len(dataset), limit, replace=False)).tolist())
-        return map_images(self, self.features, dm.inference_loader(dataset))
+            dataset = dm.record_dataset(dataset.ids[np.sort(rng.choice(len(dataset), limit, replace=False))])
+        (features,) = map_dataset_sharded(self, self.unquantized_features(forward_context(self._trainer)),
+                                          dataset, dm.inference_loader, dst=0, fill=float("nan"),
+                                          label="codebook fit")
+        if features is not None and torch.isnan(features[:, 0]).any():  # unreadable images (skip_corrupt)
+            features = features[~torch.isnan(features[:, 0])]
+        return features
+
+    def unquantized_features(self, context) -> Callable[[torch.Tensor], tuple[torch.Tensor]]:
+        """images -> (float32 L2-normalised features,), the encoder run inside `context` (autocast or none)."""
+        def run(images: torch.Tensor) -> tuple[torch.Tensor]:
+            with context():
+                z = self.features(images)
+            return (F.normalize(z.float(), dim=-1),)
+        return run
 
     @torch.no_grad()
     def refit_codebooks(self, features: torch.Tensor | None = None) -> dict[str, float]:
         """k-means every level on (the residuals of) `features`, default: the training split's features.
 
-        Under DDP rank 0 computes and fits, then every rank receives the same codebooks.
+        Under DDP every rank encodes its shard of the training split, rank 0 gathers them and fits (faiss
+        k-means: seconds at 65k points), then every rank receives the same codebooks.
         """
         info: dict[str, float] = {}
         trainer = self._trainer
+        if features is None:
+            features = self.training_features()
         if trainer is None or trainer.is_global_zero:
-            features = self.training_features() if features is None else features
             check_enough_points(len(features), self.quantizer.num_codes, self.hparams.min_points_per_code)
             info = self.quantizer.fit(features, niter=self.hparams.kmeans_niter, seed=self.hparams.seed)
         if trainer is not None and trainer.world_size > 1:
@@ -192,15 +211,21 @@ class IRGenTokenizer(RetrievalModule):
             self._refit("initialisation")
             self._refit_epoch = -1
 
+    def _refit_due(self) -> bool:
+        """A ``refit`` epoch end that has not re-fitted yet: every ``refit_every``-th epoch and the last one."""
+        if self.hparams.codebook_update != "refit" or self._refit_epoch == self.current_epoch:
+            return False
+        last = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
+        return last or (self.current_epoch + 1) % self.hparams.refit_every == 0
+
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
-        # re-fit at the end of each training epoch, *before* validation and checkpointing see the codebooks
-        if (self.hparams.codebook_update == "refit" and self.trainer.state.fn == "fit"
-                and not self.trainer.sanity_checking and self._refit_epoch != self.current_epoch):
+        # re-fit at the end of a training epoch, *before* validation and checkpointing see the codebooks
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking and self._refit_due():
             self._refit("epoch end")
 
     def on_train_epoch_end(self) -> None:
-        if self.hparams.codebook_update == "refit" and self._refit_epoch != self.current_epoch:
+        if self._refit_due():
             self._refit("epoch end, no validation")  # epochs without validation still re-fit
 
     # ---- evaluation -----------------------------------------------------------------------------------
@@ -233,17 +258,41 @@ class IRGenTokenizer(RetrievalModule):
         return module_optimization(self, groups)
 
 
-def encode_records(model: IRGenTokenizer, datamodule) -> tuple[torch.Tensor, torch.Tensor]:
-    """(identifiers int64 [N, D], features float32 [N, dim]) of EVERY record, in record order.
+def identifier_record_ids(datamodule) -> np.ndarray:
+    """Sorted ids of the records the pipeline needs encoded: the training targets (what the generator learns to
+    emit), the test gallery (the trie of valid identifiers) and the validation set (the identifier statistics).
+    Test queries need none: the generator maps them to identifiers itself (In-shop: 37,915 of 52,712 images)."""
+    split = datamodule.split
+    test = split.test
+    return np.unique(np.concatenate([split.target_ids, split.val.record_ids, test.record_ids[test.gallery_mask]]))
 
-    Uses the evaluation transform, so identifiers are a deterministic function of the checkpoint.
+
+def forward_context(trainer) -> Callable:
+    """The trainer's precision context for forward passes outside its loops (bf16 autocast under
+    ``precision=bf16-mixed``), or none without a trainer."""
+    return trainer.precision_plugin.forward_context if trainer is not None else contextlib.nullcontext
+
+
+def encode_records(model: IRGenTokenizer, datamodule, record_ids: np.ndarray | None = None, trainer=None
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(identifiers int64 [n, D] on every rank, features float32 [n, dim] on global rank 0 and None elsewhere) of
+    `record_ids` (default: every record), in that order.
+
+    The pass is split across DDP ranks (`irlab.inference.map_dataset_sharded`) on the model's device, the encoder
+    under the trainer's precision and the quantizer in float32. The evaluation transform makes identifiers a
+    deterministic function of the checkpoint and the precision.
     """
+    ids = np.arange(datamodule.num_records) if record_ids is None else np.asarray(record_ids, dtype=np.int64)
+    features_of = model.unquantized_features(forward_context(trainer))
+
     def codes_and_features(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z = model.features(images)
+        (z,) = features_of(images)
         return model.quantizer.encode(z), z
 
-    codes, feats = map_images(model, codes_and_features, datamodule.inference_loader(datamodule.record_dataset()))
-    if len(codes) != datamodule.num_records:
-        raise RuntimeError(f"identifiers for {len(codes)} of {datamodule.num_records} images: unreadable images were "
-                           f"skipped (dataset.skip_corrupt=true); every image needs an identifier, fix or remove them")
+    codes, feats = map_dataset_sharded(model, codes_and_features, datamodule.record_dataset(ids),
+                                       datamodule.inference_loader, dst=(None, 0), fill=-1, label="identifiers")
+    if (codes < 0).any():
+        raise RuntimeError(f"identifiers for {int((codes >= 0).all(1).sum())} of {len(ids)} images: unreadable images "
+                           f"were skipped (dataset.skip_corrupt=true); every image needs an identifier, fix or remove "
+                           f"them")
     return codes, feats

@@ -8,7 +8,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from irgen.artifact import IdentifierArtifact, load_artifact, save_artifact
+import torch
+
+from irgen.artifact import NO_IDENTIFIER, IdentifierArtifact, load_artifact, save_artifact
 from irgen.identifier_stats import identifier_stats, quantized_retrieval
 from irgen.kmeans import effective_num_codes
 from irgen.signatures import artifact_expectation, claim_stage_folder
@@ -28,7 +30,6 @@ def prefixed(stats: dict[str, float], prefix: str = "tokenizer/") -> dict[str, f
 
 def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
     """Train the tokenizer (or reuse/resume it), encode every record, save the artifact and its statistics."""
-    from irgen.tokenizer import encode_records  # the model module loads lazily: `import irgen.pipeline` stays light
 
     cfg, dm = ctx.cfg, ctx.datamodule
     expected = artifact_expectation(cfg, dm)
@@ -58,24 +59,47 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
     selected, selection = select_checkpoint(trainer, tok_dir / "last.ckpt")
     log.info(f"tokenizer: encoding identifiers with the {selection} checkpoint ({selected})")
     load_weights(model, selected)
-    codes, features = encode_records(model, dm)
-    recon = model.quantizer.decode(codes.to(model.device))[:, -1].cpu()
-    stats = identifier_stats(codes.numpy(), dm.record_labels(), model.quantizer.num_codes)
-    stats.update(quantized_retrieval(features.numpy(), recon.numpy(), codes.numpy(), dm.eval_set("test")))
-    meta = {**expected, "num_levels": model.quantizer.num_levels, "num_codes": model.quantizer.num_codes,
-            "num_codes_requested": int(model_cfg.num_codes), "stats": stats,
-            "checkpoint": str(selected), "checkpoint_selection": selection, "eval_split": "test"}
-    ctx.artifact = IdentifierArtifact(codes=codes, codebooks=model.quantizer.codebooks.detach().cpu(), meta=meta)
+    ctx.artifact, stats = encode_artifact(model, dm, trainer, meta={
+        **expected, "num_codes_requested": int(model_cfg.num_codes), "checkpoint": str(selected),
+        "checkpoint_selection": selection})
     if trainer.is_global_zero:
         save_artifact(ctx.artifact_path, ctx.artifact)
-        write_stats(ctx.artifact_dir / STATS_NAME, stats, meta)
+        write_stats(ctx.artifact_dir / STATS_NAME, stats, ctx.artifact.meta)
         for logger in trainer.loggers:
             logger.log_metrics(prefixed(stats), step=trainer.global_step)
             logger.save()
-        log.info(f"tokenizer: wrote {ctx.artifact_path} ({len(codes)} identifiers, "
+        log.info(f"tokenizer: wrote {ctx.artifact_path} ({int(stats['images'])} identifiers, "
                  f"{int(stats['distinct_identifiers'])} distinct, collision rate {stats['collision_rate']:.3f})")
+    stats = trainer.strategy.broadcast(stats, src=0)
     trainer.strategy.barrier()
     return {**metrics, **prefixed(stats)}
+
+
+def encode_artifact(model, dm, trainer, meta: dict[str, Any]) -> tuple[IdentifierArtifact, dict[str, float]]:
+    """The identifier artifact of the records that need one (`identifier_record_ids`; the others hold
+    `NO_IDENTIFIER`) and, on global rank 0, its statistics (empty elsewhere).
+
+    Lightning leaves the model on the CPU after ``fit``: it goes back to the trainer's device, and every rank
+    encodes its shard (`encode_records`). The statistics are measured on the validation set, whose images are
+    encoded anyway (the test queries are not)."""
+    from irgen.tokenizer import encode_records, identifier_record_ids  # lazy: `import irgen.pipeline` stays light
+
+    model.to(trainer.strategy.root_device)
+    ids = identifier_record_ids(dm)
+    codes, features = encode_records(model, dm, ids, trainer)
+    full = torch.full((dm.num_records, codes.shape[1]), NO_IDENTIFIER, dtype=torch.int64)
+    full[ids] = codes
+    stats: dict[str, float] = {}
+    if trainer.is_global_zero:
+        recon = model.quantizer.decode(codes.to(model.device))[:, -1].float().cpu()
+        raw_full = torch.zeros(dm.num_records, features.shape[1])
+        recon_full = torch.zeros_like(raw_full)
+        raw_full[ids], recon_full[ids] = features, recon
+        stats = identifier_stats(codes.numpy(), dm.record_labels(ids), model.quantizer.num_codes)
+        stats.update(quantized_retrieval(raw_full.numpy(), recon_full.numpy(), full.numpy(), dm.eval_set("val")))
+    meta = {**meta, "num_levels": model.quantizer.num_levels, "num_codes": model.quantizer.num_codes,
+            "stats": stats, "eval_split": "val", "encoded_records": len(ids)}
+    return IdentifierArtifact(codes=full, codebooks=model.quantizer.codebooks.detach().cpu(), meta=meta), stats
 
 
 def write_stats(path: Path, stats: dict[str, float], meta: dict[str, Any]) -> Path:

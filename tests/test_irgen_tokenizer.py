@@ -21,6 +21,7 @@ from irgen.kmeans import TooFewPointsError, assign, effective_num_codes, reseed_
 from irgen.quantizer import ResidualQuantizer
 from irgen.tokenizer import IRGenTokenizer, encode_records
 from irlab.optim import preset
+from tests.fixtures.clip import IMAGE, LAYERS, OUT, PATCH, WIDTH, synthetic_clip_visual
 
 
 def clustered(n: int = 2000, dim: int = 16, seed: int = 0) -> torch.Tensor:
@@ -200,27 +201,6 @@ def test_bad_settings_are_rejected():
 
 
 # ---- CLIP checkpoint conversion ----------------------------------------------------------------------------
-WIDTH, LAYERS, PATCH, IMAGE, OUT = 32, 2, 8, 32, 16  # heads = width // 64 -> 1 (CLIP's rule)
-
-
-def synthetic_clip_visual(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g) * 0.2  # noqa: E731
-    grid = IMAGE // PATCH
-    sd = {"conv1.weight": r(WIDTH, 3, PATCH, PATCH), "class_embedding": r(WIDTH),
-          "positional_embedding": r(grid * grid + 1, WIDTH), "ln_pre.weight": 1 + r(WIDTH), "ln_pre.bias": r(WIDTH),
-          "ln_post.weight": 1 + r(WIDTH), "ln_post.bias": r(WIDTH), "proj": r(WIDTH, OUT)}
-    for i in range(LAYERS):
-        p = f"transformer.resblocks.{i}."
-        sd.update({p + "ln_1.weight": 1 + r(WIDTH), p + "ln_1.bias": r(WIDTH),
-                   p + "attn.in_proj_weight": r(3 * WIDTH, WIDTH), p + "attn.in_proj_bias": r(3 * WIDTH),
-                   p + "attn.out_proj.weight": r(WIDTH, WIDTH), p + "attn.out_proj.bias": r(WIDTH),
-                   p + "ln_2.weight": 1 + r(WIDTH), p + "ln_2.bias": r(WIDTH),
-                   p + "mlp.c_fc.weight": r(4 * WIDTH, WIDTH), p + "mlp.c_fc.bias": r(4 * WIDTH),
-                   p + "mlp.c_proj.weight": r(WIDTH, 4 * WIDTH), p + "mlp.c_proj.bias": r(WIDTH)})
-    return sd
-
-
 def reference_clip_visual(sd: dict[str, torch.Tensor], images: torch.Tensor, projected: bool = True) -> torch.Tensor:
     """CLIP's VisionTransformer.forward written out by hand (OpenAI clip/model.py semantics); ``projected=False``:
     the IRGen reference's modified forward, which returns every token before ``ln_post`` and ``proj``."""
