@@ -176,3 +176,26 @@ def test_mismatched_trie_and_decoder_is_a_clear_error():
     trie = IdentifierTrie.build(np.zeros((2, 2), dtype=np.int64), 6)
     with pytest.raises(ValueError, match="trie is 2x6"):
         beam_search(dec, torch.randn(1, 2, 12), trie, 4)
+
+
+def test_logits_and_beams_are_float32_under_bf16_autocast():
+    """The output head runs in float32 inside autocast: bf16 logits (8 bits of mantissa) move log-probabilities by
+    hundredths of a nat and reorder close beams. Without layers the rest of the decoder is float32 anyway, so
+    logits and beams must equal the float32 ones exactly."""
+    torch.manual_seed(0)
+    depth, k = 4, 256
+    dec = IdentifierDecoder(DecoderConfig(depth, k, width=64, layers=0, heads=4, memory_dim=64)).eval()
+    with torch.no_grad():
+        dec.head_weight.mul_(40.0)  # logits of a few nats, as a trained head gives
+    codes = torch.randint(0, k, (4000, depth))
+    trie = IdentifierTrie.build(codes, k)
+    memory = torch.randn(6, 5, 64)
+    tokens = dec.input_tokens(codes[:64]).unsqueeze(0)
+    with torch.no_grad():
+        reference_logits = dec(tokens, dec.memory_kv(memory[:1]))
+        reference = beam_search(dec, memory, trie, 30)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = dec(tokens, dec.memory_kv(memory[:1]))
+            leaves, scores = beam_search(dec, memory, trie, 30)
+    assert logits.dtype == torch.float32 and torch.equal(logits, reference_logits)
+    assert torch.equal(leaves, reference[0]) and torch.equal(scores, reference[1])

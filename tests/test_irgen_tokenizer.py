@@ -48,6 +48,17 @@ def test_reconstruction_error_decreases_level_by_level():
     assert torch.allclose(rq.decode(q.codes), q.partials)
 
 
+def test_codes_are_assigned_in_float32_under_bf16_autocast():
+    """Distances in bf16 (autocast's matmul) assign some codes differently; the quantizer must not follow it."""
+    x = torch.nn.functional.normalize(torch.randn(4000, 64, generator=torch.Generator().manual_seed(0)), dim=-1)
+    rq = ResidualQuantizer(num_levels=4, num_codes=64, dim=64)
+    rq.fit(x, niter=5, seed=0)
+    reference = rq.encode(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        codes = rq.encode(x)
+    assert torch.equal(codes, reference)
+
+
 def test_uninitialised_quantizer_refuses_to_encode():
     with pytest.raises(RuntimeError, match="fit"):
         ResidualQuantizer(2, 4, 8)(torch.randn(3, 8))
