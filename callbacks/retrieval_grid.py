@@ -28,7 +28,7 @@ class GridRow:
 
 def grid_rows(result, labels: np.ndarray, num_queries: int, top_k: int) -> list[GridRow]:
     """Rows of the grid for `result` (an `EvalResult`); `labels` are the labels of the *full* eval set."""
-    row_pos = result.positions if result.positions is not None else np.arange(len(result.embeddings))
+    row_pos = result.positions if result.positions is not None else np.arange(result.num_items)
     n_queries = len(result.query_positions)
     if n_queries == 0 or num_queries <= 0:
         return []

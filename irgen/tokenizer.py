@@ -231,10 +231,10 @@ class IRGenTokenizer(RetrievalModule):
     # ---- evaluation -----------------------------------------------------------------------------------
     def rank_gallery(self, stage: str, outputs: dict[str, np.ndarray], eval_set) -> RetrievalReport:
         """Quantized-feature retrieval is the reported one (``R@1``); the raw feature's is ``raw_R@1``."""
-        q, g = eval_set.query_mask, eval_set.gallery_mask
         reports = {}
         for name, part in (("raw", outputs["embedding"]), ("quantized", outputs["quantized"])):
-            reports[name] = evaluate_embeddings(part[q], part[g], eval_set.labels[q], eval_set.labels[g],
+            reports[name] = evaluate_embeddings(eval_set.queries(part), eval_set.gallery(part),
+                                                eval_set.queries(eval_set.labels), eval_set.gallery(eval_set.labels),
                                                 exclude=eval_set.self_exclusion(), ks=self.eval_ks, normalize=True)
         report = reports["quantized"]
         report.metrics = {**report.metrics, **{f"raw_{k}": v for k, v in reports["raw"].metrics.items()}}

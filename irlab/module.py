@@ -5,7 +5,8 @@ The evaluation contract: per evaluated image a model returns named outputs (`eva
 shared loop collects them with the images' dataset positions, gathers them from every rank (the distributed
 sampler pads with duplicates, so positions de-duplicate them), and rank 0 hands them, in eval-set order, to
 `rank_gallery` -- exact kNN over ``embedding`` by default, a method's own ranking where it overrides it. The
-metrics are broadcast so that every rank logs the same values.
+metrics are broadcast so that every rank logs the same values. Only rank 0 ever holds the gathered outputs
+(`irlab.sharding`), and they are dropped once ranked: callbacks get the report, not the embeddings.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from irlab.checkpoints import MODEL_KEY, model_class_name
 from irlab.inference import evaluation_mode, map_images
 from irlab.reproducibility import rng_states, set_rng_states
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
+from irlab.sharding import gather_rows
 
 log = logging.getLogger(__name__)
 # evaluation metrics are computed on rank 0 and broadcast, so every rank logs the same value: no sync_dist needed
@@ -36,7 +38,7 @@ class EvalResult:
 
     stage: str
     report: RetrievalReport
-    embeddings: np.ndarray  # [N, d] for the whole evaluated set, in eval-set order
+    num_items: int  # images evaluated (rows of the evaluated set)
     query_positions: np.ndarray  # eval-set positions of the queries (rows of report.neighbors)
     gallery_positions: np.ndarray  # eval-set positions of the gallery (values of report.neighbors index these)
     positions: np.ndarray | None = None  # full eval-set position of each row above when a limited loader saw a subset
@@ -111,32 +113,32 @@ class RetrievalModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._finish_evaluation("test")
 
-    def _gathered_outputs(self, n_items: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """({name: [N, ...] array in eval-set order}, bool mask of positions seen), assembled from every rank.
+    def _gathered_outputs(self, n_items: int) -> tuple[dict[str, np.ndarray], np.ndarray] | None:
+        """({name: [N, ...] array in eval-set order}, bool mask of positions seen), assembled from every rank on
+        global rank 0 (`irlab.sharding.gather_rows`: one rank's rows at a time, nothing kept on the others, ranks
+        may hold different counts); None on the other ranks.
 
         Positions seen twice (sampler padding) carry identical values. Positions never seen only happen when
-        the loader was limited (``limit_val_batches``); the caller then evaluates the seen subset.
+        the loader was limited (``limit_val_batches``) or images were unreadable (``dataset.skip_corrupt``); the
+        caller then evaluates the seen subset.
         """
         if not self._eval_outputs:
             raise RuntimeError("evaluation produced no outputs: is the evaluation dataloader empty?")
         chunks, self._eval_outputs = self._eval_outputs, []
-        index = torch.cat([c[0] for c in chunks])
-        if self.trainer.world_size > 1:
-            index = self.all_gather(index).reshape(-1)
-        index = index.cpu().numpy()
-        seen = np.zeros(n_items, dtype=bool)
-        seen[index] = True
+        index = torch.cat([c[0] for c in chunks]).cpu()
+        names = list(chunks[0][1])
+        seen = gather_rows(torch.ones(len(index), dtype=torch.bool), index, n_items, dst=0, fill=False)
         gathered = {}
-        for name in chunks[0][1]:
+        for name in names:
             value = torch.cat([c[1][name] for c in chunks])
-            if self.trainer.world_size > 1:
-                value = self.all_gather(value).flatten(0, 1)
-            value = value.cpu()
-            value = (value.float() if value.is_floating_point() else value).numpy()
-            full = np.zeros((n_items, *value.shape[1:]), dtype=value.dtype)
-            full[index] = value  # duplicates from sampler padding carry identical values
-            gathered[name] = full
-        return gathered, seen
+            for c in chunks:  # this output's per-batch tensors are no longer needed: free them as we go
+                c[1].pop(name)
+            value = value.float() if value.is_floating_point() else value
+            full = gather_rows(value, index, n_items, dst=0)
+            del value
+            if full is not None:
+                gathered[name] = full.numpy()
+        return (gathered, seen.numpy()) if seen is not None else None
 
     def rank_gallery(self, stage: str, outputs: dict[str, np.ndarray], eval_set) -> RetrievalReport:
         """Default retrieval: exact inner-product kNN of the query embeddings against the gallery embeddings.
@@ -145,10 +147,10 @@ class RetrievalModule(L.LightningModule):
         a subset of the stage's set when the loader was limited."""
         embeddings = outputs["embedding"]
         return evaluate_embeddings(
-            embeddings[eval_set.query_mask],
-            embeddings[eval_set.gallery_mask],
-            eval_set.labels[eval_set.query_mask],
-            eval_set.labels[eval_set.gallery_mask],
+            eval_set.queries(embeddings),
+            eval_set.gallery(embeddings),
+            eval_set.queries(eval_set.labels),
+            eval_set.gallery(eval_set.labels),
             exclude=eval_set.self_exclusion(),
             ks=self.eval_ks,
         )
@@ -158,21 +160,24 @@ class RetrievalModule(L.LightningModule):
             self._eval_outputs = []
             return
         eval_set = self.trainer.datamodule.eval_set(stage)
-        outputs, seen = self._gathered_outputs(len(eval_set))
-        positions = None
-        if not seen.all():
-            log.warning(f"{stage}: evaluating {int(seen.sum())} of {len(eval_set)} images (limited loader)")
-            positions = np.flatnonzero(seen)
-            eval_set, outputs = eval_set.subset(positions), {k: v[seen] for k, v in outputs.items()}
+        gathered = self._gathered_outputs(len(eval_set))
         metrics: dict[str, float] | None = None
-        if self.trainer.is_global_zero:
+        if gathered is not None:  # global rank 0: it holds every output and runs the search
+            outputs, seen = gathered
+            positions = None
+            if not seen.all():
+                log.warning(f"{stage}: evaluating {int(seen.sum())} of {len(eval_set)} images (limited loader or "
+                            f"unreadable images)")
+                positions = np.flatnonzero(seen)
+                eval_set, outputs = eval_set.subset(positions), {k: v[seen] for k, v in outputs.items()}
             start = time.perf_counter()
             report = self.rank_gallery(stage, outputs, eval_set)
             metrics = {k: float(v) for k, v in report.metrics.items()}
             metrics["search_seconds"] = time.perf_counter() - start
-            self.last_eval = EvalResult(
-                stage, report, outputs["embedding"], eval_set.query_positions, eval_set.gallery_positions, positions
-            )
+            # what callbacks draw on; not the outputs themselves (5.8 GB for AREIR's SOP embedding)
+            self.last_eval = EvalResult(stage, report, len(eval_set), eval_set.query_positions,
+                                        eval_set.gallery_positions, positions)
+            del outputs
         metrics = self.trainer.strategy.broadcast(metrics, src=0)
         for key, value in metrics.items():
             self.log(f"{stage}/{key}", value, prog_bar=key == "R@1", sync_dist=False, rank_zero_only=False)

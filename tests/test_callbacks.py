@@ -107,7 +107,7 @@ def test_grid_rows_map_subset_rows_back_to_eval_set_positions():
     labels[[10, 20, 30]], labels[[11, 21]] = 1, 2
     report = RetrievalReport(metrics={}, neighbors=np.array([[2, 1, -1], [0, 1, 2]]),
                              scores=np.array([[0.9, 0.8, np.nan], [0.7, 0.6, 0.5]]))
-    result = EvalResult("val", report, np.zeros((5, 4)), query_positions=np.array([0, 3]),
+    result = EvalResult("val", report, 5, query_positions=np.array([0, 3]),
                         gallery_positions=np.array([1, 2, 4]), positions=positions)
     rows = grid_rows(result, labels, num_queries=2, top_k=3)
     assert [r.query for r in rows] == [10, 21]
