@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.full_state_checkpoint import FullStateCheckpoint
 from callbacks.learning_curve import LearningCurve
 from irlab.checkpoints import read_checkpoint
 from irlab.train import build_callbacks, build_trainer
@@ -46,8 +47,8 @@ def build_stage_trainer(cfg: DictConfig, stage: str, ckpt_dir: Path, monitor: st
     callbacks = build_callbacks(cfg, adapt)
     resumable = not cfg.get("debug_run")  # debug=fast writes no full training state (conf/debug/fast.yaml)
     if resumable and not any(isinstance(c, ModelCheckpoint) and c.monitor is None for c in callbacks):
-        callbacks.append(ModelCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,  # resume needs it
-                                         enable_version_counter=False, save_on_train_epoch_end=True))
+        callbacks.append(FullStateCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,  # resume needs it
+                                             enable_version_counter=False, save_on_train_epoch_end=True))
     return build_trainer(cfg, trainer_cfg=stage_trainer_config(cfg, stage), callbacks=callbacks)
 
 

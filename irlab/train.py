@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.base import RetrievalDataModule
+from irlab.checkpoint_io import StreamingCheckpointIO
 from irlab.checkpoints import model_class_name, read_checkpoint
 from irlab.distributed import install_hydra_ddp_launch
 from irlab.paths import expand_path
@@ -100,6 +101,7 @@ def build_trainer(cfg: DictConfig, trainer_cfg: DictConfig | None = None, callba
     install_hydra_ddp_launch()
     callbacks = build_callbacks(cfg) if callbacks is None else callbacks
     loggers = instantiate_group(cfg.get("logger"), Logger)
+    overrides.setdefault("plugins", [StreamingCheckpointIO()])  # checkpoints streamed to disk, then renamed
     return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, **overrides)
 
 
