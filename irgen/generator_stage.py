@@ -3,15 +3,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
+from lightning.pytorch.utilities import rank_zero_only
+
 from irgen.signatures import claim_stage_folder, generator_signature
 from irgen.stage_context import PipelineContext, rebuild_command
 from irgen.stage_trainer import build_stage_trainer, resume_checkpoint, select_checkpoint
 from irgen.tokenizer_stage import TOKENIZER_DIR
+from irlab.atomic_files import write_text_atomically
+from irlab.folder_lock import folder_lock
 from irlab.paths import expand_path
 from irlab.run_config import write_run_overrides
 from irlab.train import build_model, fit_or_exit, log_hyperparameters, logged_metrics, this_command
@@ -44,11 +49,26 @@ def generator_stage(ctx: PipelineContext) -> dict[str, float]:
     over the same encoder's global features, optionally ``*/exhaustive/*``. The tokenizer stage's own ``val/*``
     numbers (same run, stage=all) are renamed ``tokenizer/val/*`` so that nothing is silently overwritten.
     """
+    signature = generator_signature(ctx.cfg, ctx.datamodule, ctx.identifiers())
+    gen_dir = generator_dir(ctx.artifact_dir, signature)
+    log.info(f"generator: stage folder {gen_dir}")
+    with folder_lock(gen_dir, "generator", enabled=rank_zero_only.rank == 0):
+        return train_or_reuse_generator(ctx, gen_dir, signature)
+
+
+def generator_dir(artifact_dir: Path, signature: dict) -> Path:
+    """``generator-<hash>``: one folder per setting that changes the trained generator (identifiers, model,
+    training and data settings: `generator_signature`), so that a sweep over generator settings trains each in
+    its own folder, in parallel, next to one shared tokenizer."""
+    digest = hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:10]
+    return artifact_dir / f"{GENERATOR_DIR}-{digest}"
+
+
+def train_or_reuse_generator(ctx: PipelineContext, gen_dir: Path, signature: dict) -> dict[str, float]:
     cfg, dm = ctx.cfg, ctx.datamodule
     artifact = ctx.identifiers()
-    gen_dir = ctx.artifact_dir / GENERATOR_DIR
-    claim_stage_folder(gen_dir, generator_signature(cfg, dm, artifact), ("last.ckpt", GENERATOR_DONE),
-                       "a generator trained", rebuild_command(cfg, "generator"))
+    claim_stage_folder(gen_dir, signature, ("last.ckpt", GENERATOR_DONE), "a generator trained",
+                       rebuild_command(cfg, "generator"))
     for key in [k for k in ctx.metrics if k.startswith("val/")]:
         ctx.metrics[f"tokenizer/{key}"] = ctx.metrics.pop(key)
 
@@ -79,7 +99,7 @@ def generator_stage(ctx: PipelineContext) -> dict[str, float]:
         selected, _ = select_checkpoint(trainer, last)
         best = str(selected or last)
         if trainer.is_global_zero:
-            done.write_text(json.dumps({"checkpoint": best, "metrics": metrics}, indent=2, sort_keys=True))
+            write_text_atomically(done, json.dumps({"checkpoint": best, "metrics": metrics}, indent=2, sort_keys=True))
             write_run_overrides(gen_dir)  # `eval.py ckpt_path=<this folder's checkpoint>` needs nothing else
         trainer.strategy.barrier()
     if cfg.get("test", True):
@@ -90,7 +110,11 @@ def generator_stage(ctx: PipelineContext) -> dict[str, float]:
 
 
 def clear_generator_outputs(artifact_dir: Path) -> None:
-    """``irgen.rebuild=true`` for the generator: remove its checkpoints, signature and completion marker."""
-    shutil.rmtree(artifact_dir / GENERATOR_DIR, ignore_errors=True)
+    """``irgen.rebuild=true`` for the generator: remove every generator folder (checkpoints, signature, completion
+    marker) of the artifact folder."""
+    for folder in artifact_dir.glob(f"{GENERATOR_DIR}-*"):
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(artifact_dir / GENERATOR_DIR, ignore_errors=True)  # the single folder of earlier versions
 
 

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from datamodules.base import RetrievalDataModule
 from irgen.artifact import IdentifierArtifact, StaleArtifactError, dataset_fingerprint, differences
 from irgen.stage_trainer import stage_trainer_config
+from irlab.atomic_files import write_text_atomically
 from irlab.plain import to_plain
 
 SIGNATURE_NAME = "signature.json"
@@ -72,4 +73,4 @@ def claim_stage_folder(folder: Path, expected: dict[str, Any], protected: tuple[
                                      f"\n{listing}\nRebuild: {hint}")
     if rank_zero_only.rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
-        signature.write_text(json.dumps(expected, indent=2, sort_keys=True))
+        write_text_atomically(signature, json.dumps(expected, indent=2, sort_keys=True))

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 
 from irgen.artifact import NO_IDENTIFIER, IdentifierArtifact, load_artifact, save_artifact
 from irgen.identifier_stats import identifier_stats, quantized_retrieval
@@ -16,6 +17,7 @@ from irgen.kmeans import effective_num_codes
 from irgen.signatures import artifact_expectation, claim_stage_folder
 from irgen.stage_context import ARTIFACT_NAME, PipelineContext, rebuild_command
 from irgen.stage_trainer import build_stage_trainer, load_weights, resume_checkpoint, select_checkpoint
+from irlab.folder_lock import folder_lock
 from irlab.reporting import write_metrics
 from irlab.train import build_model, fit_or_exit, log_hyperparameters, logged_metrics, this_command
 
@@ -29,8 +31,13 @@ def prefixed(stats: dict[str, float], prefix: str = "tokenizer/") -> dict[str, f
 
 
 def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
-    """Train the tokenizer (or reuse/resume it), encode every record, save the artifact and its statistics."""
+    """Train the tokenizer (or reuse/resume it), encode the records, save the artifact and its statistics; one
+    job at a time per artifact folder (`irlab.folder_lock`): a parallel job waits, then reuses the artifact."""
+    with folder_lock(ctx.artifact_dir / TOKENIZER_DIR, "tokenizer", enabled=rank_zero_only.rank == 0):
+        return build_or_reuse_tokenizer(ctx)
 
+
+def build_or_reuse_tokenizer(ctx: PipelineContext) -> dict[str, float]:
     cfg, dm = ctx.cfg, ctx.datamodule
     expected = artifact_expectation(cfg, dm)
     hint = rebuild_command(cfg, "tokenizer")

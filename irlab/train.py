@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.base import RetrievalDataModule
-from irlab.checkpoint_io import StreamingCheckpointIO
+from irlab.atomic_files import StreamingCheckpointIO
 from irlab.checkpoints import model_class_name, read_checkpoint
 from irlab.distributed import install_hydra_ddp_launch
 from irlab.paths import expand_path

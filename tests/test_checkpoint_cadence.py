@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
 from callbacks.full_state_checkpoint import FullStateCheckpoint
-from irlab.checkpoint_io import StreamingCheckpointIO, save_file_atomically
+from irlab.atomic_files import StreamingCheckpointIO, save_file_atomically
 
 
 class RecordingCheckpoint(FullStateCheckpoint):

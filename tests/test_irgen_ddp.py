@@ -43,7 +43,7 @@ def test_paper_recipe_trains_both_stages_on_two_ranks_and_shards_encoding(tmp_pa
 
     art_dir = logs / "irgen_artifacts" / "isc_closed_set_seed42_debug"
     for stage in ("tokenizer", "generator"):  # debug=fast: 2 batches per stage, each a DDP step on both ranks
-        (ckpt,) = (art_dir / stage).glob("*.ckpt")
+        (ckpt,) = art_dir.glob(f"{stage}*/*.ckpt")
         assert torch.load(ckpt, weights_only=True, map_location="cpu")["global_step"] == 2, stage
 
     rank_logs = {0: (run_dir / "train.log").read_text(), 1: (run_dir / "rank1.log").read_text()}

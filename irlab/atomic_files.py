@@ -1,10 +1,11 @@
-"""Checkpoint files written straight to disk under a temporary name, then renamed.
+"""Files written under a temporary name, then renamed: a reader (a parallel job, a resumed run after a crash
+mid-write) sees the old file or the new one, never a half-written one.
 
-Lightning's default writer (`lightning.fabric.utilities.cloud_io._atomic_save`) serializes the whole checkpoint
-into an in-memory buffer and copies it once more to write it: for AREIR E=48 (a 6 GB full-state ``last.ckpt``
-with Adam's moments) that is ~12 GB of extra host memory on rank 0 every epoch. Here `torch.save` streams the
-tensors to ``<name>.tmp<pid>`` in the same folder, which is flushed to disk and renamed over the target: a
-reader (or a resumed run after a crash mid-write) sees the old file or the new one, never a truncated one.
+Checkpoints are streamed straight to disk. Lightning's default writer
+(`lightning.fabric.utilities.cloud_io._atomic_save`) serializes the whole checkpoint into an in-memory buffer and
+copies it once more to write it: for AREIR E=48 (a 6 GB full-state ``last.ckpt`` with Adam's moments) that is
+~12 GB of extra host memory on rank 0 every epoch. Here `torch.save` streams the tensors to ``<name>.tmp<pid>``
+in the same folder, which is flushed to disk and renamed over the target.
 """
 
 from __future__ import annotations
@@ -30,6 +31,16 @@ def save_file_atomically(checkpoint: dict[str, Any], path: str | Path) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomically(path: str | Path, text: str) -> Path:
+    """`Path.write_text`, atomically (markers, signatures)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
     return path
 
 
