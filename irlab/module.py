@@ -130,10 +130,14 @@ class RetrievalModule(L.LightningModule):
         seen = gather_rows(torch.ones(len(index), dtype=torch.bool), index, n_items, dst=0, fill=False)
         gathered = {}
         for name in names:
-            value = torch.cat([c[1][name] for c in chunks])
-            for c in chunks:  # this output's per-batch tensors are no longer needed: free them as we go
-                c[1].pop(name)
-            value = value.float() if value.is_floating_point() else value
+            first = chunks[0][1][name]
+            value = torch.empty((len(index), *first.shape[1:]), device=first.device,
+                                dtype=torch.float32 if first.is_floating_point() else first.dtype)
+            start = 0
+            for c in chunks:  # batch by batch into one tensor, each batch freed once copied (no 2x peak)
+                part = c[1].pop(name)
+                value[start:start + len(part)] = part
+                start += len(part)
             full = gather_rows(value, index, n_items, dst=0)
             del value
             if full is not None:

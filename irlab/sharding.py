@@ -8,16 +8,20 @@ position order, on one rank (``dst``) or on all of them.
 Why not ``all_gather``: it needs equal shapes on every rank (a rank that skipped unreadable images hangs it) and
 leaves the whole result on every rank's device and host. At SOP size with AREIR's 24,000-d embedding (60,502 x
 24,000 float32 = 5.8 GB) an all_gather costs every rank 5.8 GB of host memory plus 5.8 GB of device memory on
-top of the model; here the rows travel one rank at a time (point-to-point), so the receiving rank's device holds
-one rank's rows (5.8 GB / world) at a time and its host the result once, and the other ranks keep only their
-own rows. Sizes are exchanged first, so ranks may hold different numbers of rows (zero included).
+top of the model; here the rows travel one rank at a time (point-to-point) in pieces of at most 256 MB, so the
+receiving rank holds the result once plus one piece, and the other ranks keep only their own rows. Sizes are
+exchanged first, so ranks may hold different numbers of rows (zero included).
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.distributed as dist
+
+PIECE_BYTES = 256 * 2**20  # largest message: bounds the receiving side's buffer
 
 
 def distributed() -> bool:
@@ -62,25 +66,27 @@ def gather_rows(rows: torch.Tensor, positions: np.ndarray | torch.Tensor, total:
     sizes = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([len(rows)], dtype=torch.int64, device=device))
     sizes = [int(s.item()) for s in sizes]
+    # from the shape alone: every rank must cut the same pieces, also one that holds no rows
+    per_piece = max(1, PIECE_BYTES // (math.prod(rows.shape[1:]) * rows.element_size() or 1))
     for src in range(world):
-        if sizes[src] == 0:
-            continue
-        if src == rank:
-            chunk, where = rows.to(device), positions.to(device)
-        elif receives:
-            chunk = torch.empty((sizes[src], *rows.shape[1:]), dtype=rows.dtype, device=device)
-            where = torch.empty(sizes[src], dtype=torch.int64, device=device)
-        else:
-            chunk = where = None
-        if dst is None:  # everyone receives: one broadcast per source rank
-            dist.broadcast(chunk, src=src)
-            dist.broadcast(where, src=src)
-        elif src != dst and rank == src:
-            dist.send(chunk, dst=dst)
-            dist.send(where, dst=dst)
-        elif src != dst and rank == dst:
-            dist.recv(chunk, src=src)
-            dist.recv(where, src=src)
-        if receives:
-            out[where.cpu()] = chunk.cpu()
+        for lo in range(0, sizes[src], per_piece):  # pieces: the receiver's buffer stays <= PIECE_BYTES
+            n = min(per_piece, sizes[src] - lo)
+            if src == rank:
+                chunk, where = rows[lo:lo + n].to(device), positions[lo:lo + n].to(device)
+            elif receives:
+                chunk = torch.empty((n, *rows.shape[1:]), dtype=rows.dtype, device=device)
+                where = torch.empty(n, dtype=torch.int64, device=device)
+            else:
+                chunk = where = None
+            if dst is None:  # everyone receives: one broadcast per source rank and piece
+                dist.broadcast(chunk, src=src)
+                dist.broadcast(where, src=src)
+            elif src != dst and rank == src:
+                dist.send(chunk.contiguous(), dst=dst)
+                dist.send(where.contiguous(), dst=dst)
+            elif src != dst and rank == dst:
+                dist.recv(chunk, src=src)
+                dist.recv(where, src=src)
+            if receives:
+                out[where.cpu()] = chunk.cpu()
     return out
