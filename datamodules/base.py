@@ -18,7 +18,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
-from datamodules.protocol import EvalSet, ProtocolSplit, build_protocol
+from datamodules.protocol import EvalSet, ProtocolSplit, build_protocol, positions_by_class
 from datamodules.records import AnnotationError, ImageRecord
 from irlab.paths import expand_path
 
@@ -101,7 +101,7 @@ class MaxPerClassSampler(Sampler[int]):
 
     def __init__(self, labels: np.ndarray, max_per_class: int, seed: int = 0) -> None:
         self.labels, self.max_per_class, self.seed, self.epoch = np.asarray(labels), max_per_class, seed, 0
-        self._by_class = [np.flatnonzero(self.labels == c) for c in np.unique(self.labels)]
+        self._by_class = positions_by_class(self.labels)
         self._length = sum(min(len(m), max_per_class) for m in self._by_class)
 
     def set_epoch(self, epoch: int) -> None:
@@ -321,4 +321,14 @@ class RetrievalDataModule(L.LightningDataModule):
             "test_queries": int(self.split.test.query_mask.sum()),
             "test_gallery": int(self.split.test.gallery_mask.sum()),
             "val_is_test": self.split.val_is_test,
+            "val_fraction_realised": self.realised_val_fraction(),
         }
+
+    def realised_val_fraction(self) -> float:
+        """The share of the training images (inputs before the carve) that validation took: validation queries
+        under closed-set (they leave the inputs only), validation images under zero-shot; 0 without a carve."""
+        split = self.split
+        if split.val_is_test:
+            return 0.0
+        held = int(split.val.query_mask.sum()) if self.protocol == "closed_set" else len(split.val)
+        return round(held / (len(split.train_ids) + held), 4)

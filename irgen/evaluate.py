@@ -17,15 +17,14 @@ import lightning as L
 from omegaconf import DictConfig
 
 from irgen.generator import RANKING_ROWS, IRGenGenerator
+from irgen.signatures import GENERATOR_EVAL_KEYS
 from irlab.checkpoints import CheckpointError, model_class_name, read_checkpoint
 from irlab.train import build_datamodule, evaluate_model, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 
-# generator settings that only change the evaluation, taken from this run's config
-EVAL_KEYS = ("beam_size", "eval_ks", "max_rank", "exhaustive")
-WHERE = ("The generator stage writes its checkpoints to <irgen.artifact_dir>/generator/ "
-         "(default logs/irgen_artifacts/<dataset>_<protocol>_seed<seed>/generator/epoch_*.ckpt).")
+WHERE = ("The generator stage writes its checkpoints to <irgen.artifact_dir>/generator-<hash>/ "
+         "(default logs/irgen_artifacts/<dataset>_<protocol>_seed<seed>/generator-<hash>/epoch_*.ckpt).")
 
 
 def load_generator(path: str | Path, cfg: DictConfig) -> IRGenGenerator:
@@ -37,7 +36,7 @@ def load_generator(path: str | Path, cfg: DictConfig) -> IRGenGenerator:
         raise CheckpointError(f"{path} is not an IRGen generator checkpoint (no decoder weights, identifiers or "
                               f"hyper-parameters; a tokenizer checkpoint?). {WHERE}")
     generator_cfg = cfg.irgen.generator
-    hparams.update({k: generator_cfg[k] for k in EVAL_KEYS if k in generator_cfg})
+    hparams.update({k: generator_cfg[k] for k in GENERATOR_EVAL_KEYS if k in generator_cfg})
     hparams["encoder"] = {**dict(hparams.get("encoder") or {}), "pretrained": False}
     hparams["encoder_init"] = None
     unknown = set(hparams) - set(inspect.signature(IRGenGenerator.__init__).parameters)

@@ -79,6 +79,11 @@ def identifiers_of(codes: torch.Tensor, record_ids: np.ndarray) -> np.ndarray:
     return out
 
 
+# generative: validation during training ranks by beam search alone and encodes only the validation queries
+# (the kNN and rerank rows need every gallery image encoded: In-shop ~35k images per validation); all: all rows
+VALIDATION_ROWS = ("generative", "all")
+
+
 class IRGenGenerator(RetrievalModule):
     def __init__(
         self,
@@ -99,9 +104,12 @@ class IRGenGenerator(RetrievalModule):
         eval_ks: Sequence[int] = (1, 10, 20, 30),
         max_rank: int = 100,
         exhaustive: bool = False,
+        validation_rows: str = "generative",
         seed: int = 0,
     ) -> None:
         super().__init__()
+        if validation_rows not in VALIDATION_ROWS:
+            raise ValueError(f"validation_rows must be one of {VALIDATION_ROWS}, got {validation_rows!r}")
         if code_depth is None or codebook_size is None:
             raise ValueError("code_depth and codebook_size must be the identifier artifact's D and K: irgen.pipeline "
                              "fills them from the artifact; when building the generator yourself, pass them")
@@ -122,6 +130,7 @@ class IRGenGenerator(RetrievalModule):
         self._targets: torch.Tensor | None = None
         self._trie: IdentifierTrie | None = None
         self._query_mask: torch.Tensor | None = None
+        self._generative_only = False  # this evaluation ranks by beam search alone (`validation_rows`)
 
     # ---- identifiers -------------------------------------------------------------------------------------
     def set_identifiers(self, codes: torch.Tensor | np.ndarray) -> None:
@@ -245,6 +254,8 @@ class IRGenGenerator(RetrievalModule):
     # ---- evaluation --------------------------------------------------------------------------------------
     def _start_eval(self, stage: str) -> None:
         eval_set = self.trainer.datamodule.eval_set(stage)
+        self._generative_only = (stage == "val" and self.trainer.state.fn == "fit"
+                                 and self.hparams.validation_rows == "generative")
         gallery_codes = self._record_codes(eval_set.record_ids[eval_set.gallery_mask])
         self._trie = IdentifierTrie.build(gallery_codes, self.hparams.codebook_size).to(self.device)
         self._query_mask = torch.from_numpy(eval_set.query_mask).to(self.device)
@@ -262,12 +273,17 @@ class IRGenGenerator(RetrievalModule):
         query images their beams, ``leaves`` (trie leaf of each beam, -1 for non-queries) and ``scores``
         (log-probabilities); with ``exhaustive``, the score of every gallery identifier."""
         index = batch["index"]
-        tokens = self.encoder(batch["image"])
         n, beams = len(index), self.hparams.beam_size
-        outputs = {"embedding": F.normalize(tokens[:, 0].float(), dim=-1),
-                   "leaves": torch.full((n, beams), -1, dtype=torch.long, device=self.device),
-                   "scores": torch.full((n, beams), -torch.inf, device=self.device)}
         is_query = self._query_mask[index]
+        outputs = {"leaves": torch.full((n, beams), -1, dtype=torch.long, device=self.device),
+                   "scores": torch.full((n, beams), -torch.inf, device=self.device)}
+        if self._generative_only:  # only the queries' beams are ranked: gallery images are not encoded
+            if is_query.any():
+                outputs["leaves"][is_query], outputs["scores"][is_query] = beam_search(
+                    self.decoder, self.encoder(batch["image"][is_query]), self._trie, beams)
+            return outputs
+        tokens = self.encoder(batch["image"])
+        outputs["embedding"] = F.normalize(tokens[:, 0].float(), dim=-1)
         if is_query.any():
             outputs["leaves"][is_query], outputs["scores"][is_query] = beam_search(
                 self.decoder, tokens[is_query], self._trie, beams)
@@ -292,8 +308,6 @@ class IRGenGenerator(RetrievalModule):
         gallery's trie, so images outside the evaluated subset are dropped from the rankings.
         """
         sub_of_full = self._trie_item_to_subset_row(stage, eval_set)
-        query_features = outputs["embedding"][eval_set.query_mask]
-        gallery_features = outputs["embedding"][eval_set.gallery_mask]
         q_labels, g_labels = eval_set.labels[eval_set.query_mask], eval_set.labels[eval_set.gallery_mask]
         exclude = eval_set.self_exclusion()
         spare = 1 if (exclude >= 0).any() else 0  # the query itself may take a slot before it is removed
@@ -308,6 +322,12 @@ class IRGenGenerator(RetrievalModule):
 
         beam = self.hparams.beam_size
         report = evaluate(*expanded(leaves, scores, beam + spare), beam)
+        report.metrics["identifiers"] = float(self._trie.num_leaves)
+        report.metrics["images_per_identifier"] = self._trie.num_items / max(1, self._trie.num_leaves)
+        if "embedding" not in outputs:  # validation during training, validation_rows=generative
+            return report
+        features = outputs["embedding"]
+        query_features, gallery_features = eval_set.queries(features), eval_set.gallery(features)
         candidates, _ = expanded(leaves, scores, self.hparams.max_rank + spare)
         reranked = evaluate(*rerank_by_similarity(candidates, query_features, gallery_features), None)
         report.metrics.update({f"rerank/{k}": v for k, v in reranked.metrics.items()})
@@ -320,8 +340,6 @@ class IRGenGenerator(RetrievalModule):
             all_leaves, all_scores = rank_identifiers(outputs["exhaustive"][eval_set.query_mask])
             exhaustive = evaluate(*expanded(all_leaves, all_scores, len(sub_of_full)), None)
             report.metrics.update({f"exhaustive/{k}": v for k, v in exhaustive.metrics.items()})
-        report.metrics["identifiers"] = float(self._trie.num_leaves)
-        report.metrics["images_per_identifier"] = self._trie.num_items / max(1, self._trie.num_leaves)
         return report
 
     def _trie_item_to_subset_row(self, stage: str, eval_set) -> np.ndarray:

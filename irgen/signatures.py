@@ -26,8 +26,9 @@ DATA_KEYS = ("image_size", "resize_size", "resize_mode", "interpolation", "hflip
 # trainer settings that change the trained model (not where it logs or how many devices run it)
 TRAINER_KEYS = ("max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches", "precision",
                 "gradient_clip_val")
-# generator settings that only change the evaluation: a finished generator is reused (re-evaluated) across them
-GENERATOR_EVAL_KEYS = ("beam_size", "eval_ks", "max_rank", "exhaustive")
+# generator settings that only change the evaluation: a finished generator is reused (re-evaluated) across them,
+# and `eval.py` takes them from the run's config rather than from the checkpoint
+GENERATOR_EVAL_KEYS = ("beam_size", "eval_ks", "max_rank", "exhaustive", "validation_rows")
 
 
 def as_json(node: Any) -> Any:

@@ -50,7 +50,7 @@ def test_paper_recipe_trains_both_stages_on_two_ranks_and_shards_encoding(tmp_pa
     for rank, text in rank_logs.items():
         # the codebook fits (start + epoch end) and the identifiers: each rank encodes its half
         fits = re.findall(rf"codebook fit: rank {rank} of 2 encodes (\d+) of (\d+) images", text)
-        assert len(fits) == 2 and all(int(n) * 2 == int(total) for n, total in fits), text[-2000:]
+        assert len(fits) == 2 and all(abs(int(n) * 2 - int(total)) <= 1 for n, total in fits), text[-2000:]
         (ident,) = re.findall(rf"identifiers: rank {rank} of 2 encodes (\d+) of (\d+) images", text)
         assert ident == ("33", "66")  # 72 images less the 6 test queries, which need no identifier
 

@@ -102,3 +102,24 @@ def test_zero_shot_validation_classes_are_no_targets():
 def test_unknown_protocol_is_rejected():
     with pytest.raises(ValueError, match="protocol"):
         build_protocol(_records([0, 1], 3), "open_world", zero_shot_split="class_halves")
+
+
+def test_closed_set_carve_holds_out_the_requested_fraction_overall():
+    """In-shop's items have ~5 images: one query per item would hold out ~21%, not 10%. Large classes give up
+    exactly their share; small ones fill the overall quota, each keeping a training image."""
+    rng = np.random.default_rng(0)
+    sizes = np.r_[rng.integers(2, 9, 2000), [100, 100, 1]]  # ~5-image items, two large classes, a singleton
+    records = [ImageRecord(f"{c}_{j}.jpg", int(c), "gallery" if j == 0 and c % 2 else "train")
+               for c, n in enumerate(sizes) for j in range(n)]
+    records.append(ImageRecord("q.jpg", 1, "query"))
+    split = build_protocol(records, "closed_set", zero_shot_split="official", val_fraction=0.1, seed=0)
+    labels = np.array([r.label for r in records])
+    n_inputs = len(split.train_ids) + int(split.val.query_mask.sum())
+    assert abs(split.val.query_mask.sum() - round(0.1 * n_inputs)) == 0
+    queries = split.val.record_ids[split.val.query_mask]
+    assert np.isin(queries, split.target_ids).all()  # held out as inputs only
+    assert set(labels[split.train_ids]) == set(labels[split.target_ids])  # every class keeps a training image
+    for big in (2000, 2001):
+        assert (labels[queries] == big).sum() == 10
+    again = build_protocol(records, "closed_set", zero_shot_split="official", val_fraction=0.1, seed=0)
+    assert np.array_equal(again.val.record_ids, split.val.record_ids)
