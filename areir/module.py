@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 
 class AREIRModule(RetrievalModule):
+    channels_last = True  # a CNN: NHWC convolutions on GPU (callbacks/gpu_layout.py)
+
     def __init__(
         self,
         num_classes: int,

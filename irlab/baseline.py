@@ -33,6 +33,8 @@ class NormalizedSoftmaxLoss(nn.Module):
 
 
 class EmbeddingBaseline(RetrievalModule):
+    channels_last = True  # a CNN: NHWC convolutions on GPU (callbacks/gpu_layout.py)
+
     def __init__(
         self,
         num_classes: int,

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.gpu_layout import GpuLayout
 from datamodules.base import RetrievalDataModule
 from irlab.atomic_files import StreamingCheckpointIO
 from irlab.checkpoints import model_class_name, read_checkpoint
@@ -100,6 +101,7 @@ def build_trainer(cfg: DictConfig, trainer_cfg: DictConfig | None = None, callba
     check_accelerator(trainer_cfg)
     install_hydra_ddp_launch()
     callbacks = build_callbacks(cfg) if callbacks is None else callbacks
+    callbacks = [*callbacks, GpuLayout()]  # TF32 and channels-last on GPU trainers (callbacks/gpu_layout.py)
     loggers = instantiate_group(cfg.get("logger"), Logger)
     overrides.setdefault("plugins", [StreamingCheckpointIO()])  # checkpoints streamed to disk, then renamed
     return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, **overrides)
