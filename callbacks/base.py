@@ -12,9 +12,16 @@ from lightning.pytorch.callbacks import Callback
 
 
 class EvalResultCallback(Callback):
-    def __init__(self) -> None:
+    """``val_every``: act on every that-many-th validation (the first and the last epoch's always); test results
+    always. Why: a figure per validation is 1,000+ files in a 400-epoch run."""
+
+    def __init__(self, val_every: int = 1) -> None:
         super().__init__()
+        if val_every < 1:
+            raise ValueError(f"val_every must be >= 1, got {val_every}")
+        self.val_every = val_every
         self._seen: object | None = None
+        self._validations = 0
 
     def on_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, result) -> None:
         """Subclasses: act on `result` (an `irlab.module.EvalResult`) of stage ``result.stage``."""
@@ -27,6 +34,11 @@ class EvalResultCallback(Callback):
         if result.stage != stage:
             return
         self._seen = result
+        if stage == "val":
+            self._validations += 1
+            last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+            if (self._validations - 1) % self.val_every and not last:
+                return
         self.on_eval(trainer, pl_module, result)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -13,8 +13,8 @@ from irlab.retrieval import plot_pr_curve
 class PRCurvePlot(EvalResultCallback):
     """Plots ``last_eval.report.pr_curve`` (micro-averaged precision/recall at ranks 1..k)."""
 
-    def __init__(self, stages: tuple[str, ...] = ("val", "test")) -> None:
-        super().__init__()
+    def __init__(self, stages: tuple[str, ...] = ("val", "test"), val_every: int = 1) -> None:
+        super().__init__(val_every)
         self.stages = tuple(stages)
 
     def on_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, result) -> None:

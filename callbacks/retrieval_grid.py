@@ -45,8 +45,9 @@ def grid_rows(result, labels: np.ndarray, num_queries: int, top_k: int) -> list[
 
 
 class RetrievalGrid(EvalResultCallback):
-    def __init__(self, num_queries: int = 6, top_k: int = 8, stages: tuple[str, ...] = ("val", "test")) -> None:
-        super().__init__()
+    def __init__(self, num_queries: int = 6, top_k: int = 8, stages: tuple[str, ...] = ("val", "test"),
+                 val_every: int = 1) -> None:
+        super().__init__(val_every)
         if num_queries < 1 or top_k < 1:
             raise ValueError(f"RetrievalGrid needs num_queries >= 1 and top_k >= 1, got {num_queries}, {top_k}")
         self.num_queries, self.top_k, self.stages = num_queries, top_k, tuple(stages)

@@ -324,6 +324,12 @@ class RetrievalDataModule(L.LightningDataModule):
         return RecordDataset(self, s.record_ids, s.labels, transform or self.eval_transform())
 
     def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1 and trainer.is_global_zero:
+            log.warning(f"DDP: each of the {trainer.world_size} ranks loads dataset.batch_size={self.batch_size} "
+                        f"images per step, a global batch of {trainer.world_size * self.batch_size}. To keep a "
+                        f"recipe's global batch G, set dataset.batch_size=G/{trainer.world_size} (README, 'Batch "
+                        f"size under DDP').")
         dataset = self.train_dataset(self.train_transform(uint8=self.normalize_on_device))
         sampler = (
             MaxPerClassSampler(dataset.labels, self.max_per_class, self.seed) if self.max_per_class else None

@@ -123,3 +123,26 @@ def test_usage_summary():
     assert stats["ids/level1/used_fraction"] == 1.0 and stats["ids/level1/perplexity"] == pytest.approx(4.0)
     with pytest.raises(ValueError, match="non-negative counts"):
         usage_summary([np.array([-1, 2])])
+
+
+def test_figures_every_nth_validation_and_the_last():
+    from types import SimpleNamespace
+
+    from callbacks.base import EvalResultCallback
+
+    class Counting(EvalResultCallback):
+        def __init__(self) -> None:
+            super().__init__(val_every=3)
+            self.epochs: list[int] = []
+
+        def on_eval(self, trainer, pl_module, result) -> None:
+            self.epochs.append(trainer.current_epoch + 1)
+
+    callback = Counting()
+    for epoch in range(8):
+        trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True, max_epochs=8, current_epoch=epoch)
+        module = SimpleNamespace(last_eval=SimpleNamespace(stage="val"))  # a new result each epoch
+        callback.on_validation_end(trainer, module)
+    test_module = SimpleNamespace(last_eval=SimpleNamespace(stage="test"))
+    callback.on_test_end(trainer, test_module)
+    assert callback.epochs == [1, 4, 7, 8, 8]  # every 3rd validation, the last one, and the test

@@ -106,3 +106,31 @@ def test_irgen_two_job_multirun_under_ddp(tmp_path):
         metrics = json.loads((sweep / job / "metrics.json").read_text())["metrics"]
         assert 0 <= metrics["test/R@1"] <= 1 and 0 <= metrics["test/knn/R@1"] <= 1
     assert "sweep sweep: 2 jobs" in proc.stdout
+
+
+@pytest.mark.slow
+def test_unreadable_images_skipped_on_one_rank_do_not_hang_the_gather(tmp_path):
+    """``dataset.skip_corrupt=true`` under DDP: the rank holding an unreadable query evaluates one image fewer; the
+    gather takes unequal counts (an all_gather of equal shapes would hang) and the set is evaluated without it."""
+    from tests.fixtures.fake_datasets import make_fake_inshop
+
+    data = tmp_path / "data"
+    make_fake_inshop(data / "isc", n_items=12, per_item=6, size=40)
+    partition = (data / "isc" / "In-shop Clothes Retrieval Benchmark" / "Eval" / "list_eval_partition.txt")
+    query = next(line.split()[0] for line in partition.read_text().splitlines()[2:] if line.endswith("query"))
+    (data / "isc" / "In-shop Clothes Retrieval Benchmark" / "Img" / query).write_bytes(b"not a jpeg")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "experiment=isc_baseline", "trainer=ddp_cpu", "debug=fast",
+         f"paths.data_dir={data}", "model.arch=cnn_small", "model.pretrained=false", "dataset.image_size=32",
+         "dataset.resize_size=32", "dataset.batch_size=4", "dataset.num_workers=0", "dataset.skip_corrupt=true",
+         "trainer.limit_test_batches=1.0", "torch_threads=1", f"paths.log_dir={tmp_path / 'logs'}",
+         f"hydra.run.dir={run_dir}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = (run_dir / "train.log").read_text()
+    assert "test: evaluating 35 of 36 images" in log, log[-3000:]
+    assert "a global batch of 8" in log  # the DDP batch-size warning
+    metrics = json.loads((run_dir / "metrics.json").read_text())["metrics"]
+    assert metrics["test/queries_evaluated"] == 5
