@@ -182,6 +182,7 @@ class RetrievalModule(L.LightningModule):
                             f"unreadable images)")
                 positions = np.flatnonzero(seen)
                 eval_set, outputs = eval_set.subset(positions), {k: v[seen] for k, v in outputs.items()}
+            log.info(f"{stage}: ranking {len(eval_set)} images on rank 0")
             start = time.perf_counter()
             report = self.rank_gallery(stage, outputs, eval_set)
             metrics = {k: float(v) for k, v in report.metrics.items()}
