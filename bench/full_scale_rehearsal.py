@@ -32,6 +32,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -81,7 +82,11 @@ def split_counts(total: int, groups: int, rng: np.random.Generator, minimum: int
     return extra + minimum
 
 
-def make_inshop(root: Path) -> Path:
+def scaled(count: int, scale: float) -> int:
+    return max(1, round(count * scale))
+
+
+def make_inshop(root: Path, scale: float = 1.0) -> Path:
     base = root / INSHOP_TOP
     done = base / "Eval" / "list_eval_partition.txt"
     if done.exists():
@@ -89,9 +94,9 @@ def make_inshop(root: Path) -> Path:
     rng = np.random.default_rng(0)
     tpl = templates(root / "_templates", (256, 256))
     partition, boxes, index = [], [], 0
-    train = split_counts(25_882, 3_997, rng, 2)
-    queries = split_counts(14_218, 3_985, rng, 1)
-    gallery = split_counts(12_612, 3_985, rng, 1)
+    train = split_counts(scaled(25_882, scale), scaled(3_997, scale), rng, 2)
+    queries = split_counts(scaled(14_218, scale), scaled(3_985, scale), rng, 1)
+    gallery = split_counts(scaled(12_612, scale), scaled(3_985, scale), rng, 1)
     items = [(n, 0, 0) for n in train] + [(0, q, g) for q, g in zip(queries, gallery, strict=True)]
     for k, (n_train, n_query, n_gallery) in enumerate(items):
         item = f"id_{7 * k + 2:08d}"
@@ -113,7 +118,7 @@ def make_inshop(root: Path) -> Path:
     return root
 
 
-def make_sop(root: Path) -> Path:
+def make_sop(root: Path, scale: float = 1.0) -> Path:
     base = root / SOP_TOP
     if (base / "Ebay_test.txt").exists():
         return root
@@ -123,7 +128,7 @@ def make_sop(root: Path) -> Path:
     files = {"Ebay_train.txt": [header], "Ebay_test.txt": [header]}
     index, class_id = 0, 0
     for name, images, classes in (("Ebay_train.txt", 59_551, 11_318), ("Ebay_test.txt", 60_502, 11_316)):
-        for n in split_counts(images, classes, rng, 2):
+        for n in split_counts(scaled(images, scale), scaled(classes, scale), rng, 2):
             class_id += 1
             super_class = class_id % len(SOP_CATEGORIES) + 1
             for j in range(n):
@@ -149,18 +154,66 @@ JOBS = {
 }
 
 
-def run_job(name: str, repo: Path, data: Path, out: Path) -> float:
+# one GPU (bench/gpu_check.sh): the paper's encoder size and resolution, so that GPU utilisation means something
+GPU = ["trainer=gpu", "dataset.image_size=224", "dataset.resize_size=256", "dataset.batch_size=64",
+       "dataset.eval_batch_size=256", "dataset.num_workers=auto", "trainer.max_epochs=1",
+       "trainer.limit_train_batches=20"]
+GPU_JOBS = {"isc_irgen": ["irgen.tokenizer.encoder.arch=clip_vit_b_16", "irgen.tokenizer.encoder.pretrained=false",
+                          "irgen.stage_trainer.generator.max_epochs=1", "irgen.tokenizer.min_points_per_code=1"]}
+
+
+def job_command(name: str, gpu: bool) -> list[str]:
+    if gpu:
+        return ["train.py", JOBS[name][0], *GPU_JOBS[name], *GPU]
+    return ["train.py", *JOBS[name], *COMMON]
+
+
+class GpuSampler:
+    """`nvidia-smi` utilisation samples (timestamp, percent) every 200 ms while a job runs; none without it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.proc = None
+        if shutil.which("nvidia-smi"):
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=timestamp,utilization.gpu", "--format=csv,noheader,nounits",
+                 "-lms", "200"], stdout=open(path, "w"), stderr=subprocess.DEVNULL)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
+def read_samples(path: Path) -> list[tuple[float, float]]:
+    """(unix time, GPU utilisation %) of a `GpuSampler` file."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        stamp, _, util = line.partition(",")
+        try:
+            when = datetime.datetime.strptime(stamp.strip(), "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            out.append((when, float(util)))
+        except ValueError:
+            continue
+    return out
+
+
+def run_job(name: str, repo: Path, data: Path, out: Path, gpu: bool = False) -> float:
     probe = out / name / "probe"
     probe.mkdir(parents=True, exist_ok=True)
     for old in probe.glob("*.jsonl"):
         old.unlink()
-    command = [sys.executable, "train.py", *JOBS[name], *COMMON, f"paths.data_dir={data}",
+    command = [sys.executable, *job_command(name, gpu), f"paths.data_dir={data}",
                f"paths.log_dir={out / name / 'logs'}", f"hydra.run.dir={out / name / 'run'}",
                "+callbacks.rehearsal_probe._target_=bench.rehearsal_probe.StageProbe",
                f"+callbacks.rehearsal_probe.out={probe}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # the probe, also for another --repo
     start = time.time()
-    proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    sampler = GpuSampler(out / name / "gpu_utilisation.csv")
+    try:
+        proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    finally:
+        sampler.stop()
     (out / name / "output.txt").write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         raise SystemExit(f"{name} failed ({proc.returncode}); see {out / name / 'output.txt'}:\n{proc.stderr[-3000:]}")
@@ -178,32 +231,40 @@ def label(event: dict) -> str:
     return f"{event['model']}: {what}"
 
 
-def stages(events: list[dict]) -> list[tuple[str, float, float, float]]:
-    """(label of the interval's first event, wall s, CPU s, peak MB at its end) for consecutive events."""
+def stages(events: list[dict]) -> list[tuple[str, float, float, float, float, float]]:
+    """(label of the interval's first event, wall s, CPU s, peak MB at its end, start, end) for consecutive
+    events."""
     events = sorted(events, key=lambda e: e["t"])
-    return [(label(a), b["t"] - a["t"], b["cpu"] - a["cpu"], b["peak_mb"])
+    return [(label(a), b["t"] - a["t"], b["cpu"] - a["cpu"], b["peak_mb"], a["t"], b["t"])
             for a, b in zip(events, events[1:], strict=False)]
 
 
-def table(probe: Path, min_seconds: float = 1.0) -> list[str]:
+def mean_utilisation(samples: list[tuple[float, float]], start: float, end: float) -> str:
+    inside = [u for t, u in samples if start <= t <= end]
+    return f"{sum(inside) / len(inside):.0f}%" if inside else "n/a"
+
+
+def table(probe: Path, min_seconds: float = 1.0, gpu_samples: list[tuple[float, float]] | None = None
+          ) -> list[str]:
     per_rank = {}
     for path in sorted(probe.glob("rank*.jsonl")):
         events = [json.loads(line) for line in path.read_text().splitlines()]
         per_rank[events[0]["rank"]] = events
-    keyed: dict[int, dict[tuple[str, int], tuple[float, float, float]]] = {}
+    keyed: dict[int, dict[tuple[str, int], tuple[float, ...]]] = {}
     order: list[tuple[str, int]] = []
     for rank, events in sorted(per_rank.items()):
         seen: collections.Counter = collections.Counter()
         keyed[rank] = {}
-        for name, wall, cpu, peak in stages(events):
+        for name, wall, cpu, peak, start, end in stages(events):
             key = (name, seen[name])
             seen[name] += 1
-            keyed[rank][key] = (wall, cpu, peak)
+            keyed[rank][key] = (wall, cpu, peak, start, end)
             if key not in order:
                 order.append(key)
     ranks = sorted(keyed)
     head = "| stage | " + " | ".join(f"rank {r} wall s | rank {r} CPU s | rank {r} peak MB" for r in ranks)
-    lines = [head + " | wait |", "|" + "---|" * (2 + 3 * len(ranks))]
+    gpu = gpu_samples is not None
+    lines = [head + " | wait |" + (" GPU util |" if gpu else ""), "|" + "---|" * (2 + 3 * len(ranks) + gpu)]
     for key in order:
         cells = [keyed[r].get(key) for r in ranks]
         if max((c[0] for c in cells if c), default=0) < min_seconds:
@@ -212,7 +273,8 @@ def table(probe: Path, min_seconds: float = 1.0) -> list[str]:
         waited = max(((c[0] - c[1]) for c in cells if c), default=0)
         flag = "**yes**" if waited > max(work, 1.0) and not key[0].startswith("start-up") else ""
         body = " | ".join(f"{c[0]:.1f} | {c[1]:.1f} | {c[2]:.0f}" if c else "- | - | -" for c in cells)
-        lines.append(f"| {key[0]} | {body} | {flag} |")
+        util = f" {mean_utilisation(gpu_samples, cells[0][3], cells[0][4])} |" if gpu and cells[0] else ""
+        lines.append(f"| {key[0]} | {body} | {flag} |{util}")
     return lines
 
 
@@ -223,10 +285,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/irlab_rehearsal"))
     parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose train.py runs")
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the real image counts")
+    parser.add_argument("--gpu", action="store_true", help="one GPU, CLIP ViT-B/16 at 224 px, GPU utilisation")
     args = parser.parse_args()
     start = time.time()
-    make_inshop(args.cache / "isc")
-    make_sop(args.cache / "sop")
+    suffix = "" if args.scale == 1 else f"_x{args.scale:g}"
+    if "isc_irgen" in args.jobs:
+        make_inshop(args.cache / f"isc{suffix}", args.scale)
+    if "sop_areir" in args.jobs:
+        make_sop(args.cache / f"sop{suffix}", args.scale)
     made = time.time() - start
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=args.repo, capture_output=True,
                             text=True).stdout.strip()
@@ -234,9 +301,18 @@ def main() -> None:
               f"load average {os.getloadavg()[0]:.2f})", "",
               f"`python bench/full_scale_rehearsal.py` (datasets ready in {made:.0f} s)", ""]
     for name in args.jobs:
-        wall = run_job(name, args.repo, args.cache, args.out)
-        report += [f"## {name}: {wall:.0f} s end to end", "", *table(args.out / name / "probe"), ""]
-        print("\n".join(report[-(len(table(args.out / name / 'probe')) + 3):]), flush=True)
+        data = args.cache
+        if suffix:  # the job reads <data>/<dataset name>: a folder of links to the scaled copies
+            data = args.cache / f"scaled{suffix}"
+            data.mkdir(parents=True, exist_ok=True)
+            for dataset in ("isc", "sop"):
+                if (args.cache / f"{dataset}{suffix}").exists() and not (data / dataset).exists():
+                    (data / dataset).symlink_to(args.cache / f"{dataset}{suffix}")
+        wall = run_job(name, args.repo, data, args.out, gpu=args.gpu)
+        samples = read_samples(args.out / name / "gpu_utilisation.csv") if args.gpu else None
+        rows = table(args.out / name / "probe", gpu_samples=samples)
+        report += [f"## {name}: {wall:.0f} s end to end", "", *rows, ""]
+        print("\n".join(report[-(len(rows) + 3):]), flush=True)
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"rehearsal-{datetime.date.today()}-{commit}.md"
     path.write_text("\n".join(report) + "\n")

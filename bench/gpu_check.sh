@@ -49,10 +49,12 @@ if [[ $DRY == 1 ]]; then
   TOY="--toy --steps 2 --rounds 1"
   AREIR_SIZE="--members 2 --meta-classes 4 --size 32 --batch 2 --rounds 1 --iters 1"
   BEAM_SIZE="--sizes 1000 4000 --width 32 --layers 1 --heads 2 --beam 4 --queries 2 --memory-tokens 5 --dim 16 --repeats 1"
+  REHEARSAL="--scale 0.003"
 else
   GPU_TRAINER=trainer=gpu; DDP_TRAINER="trainer=ddp trainer.devices=1"; DEVICE=cuda; BF16="--bf16"; TOY=""
   AREIR_SIZE="--members 48 --meta-classes 12 --size 256 --batch 12 --rounds 3 --iters 2"
   BEAM_SIZE="--sizes 10000 1000000 --width 768 --layers 12 --heads 12 --beam 30 --queries 32 --threads 0"
+  REHEARSAL="--scale 0.1 --gpu"
 fi
 FAST="debug=fast hydra.run.dir=$WORK/run"
 FAILED=0
@@ -103,6 +105,9 @@ step "baseline ResNet-50 training step" $PY bench/gpu_throughput.py --model base
 step "beam search vs exact kNN, per-query time" $PY bench/beam_search_scaling.py $BEAM_SIZE
 step "faiss on the GPU (StandardGpuResources, exact search equal to the CPU) and the torch fallback" \
   $PY bench/faiss_gpu_check.py --device $DEVICE
+step "isc_irgen stages at reduced size (fake In-shop x0.1, CLIP ViT-B/16 224 px): time, memory, GPU utilisation" \
+  $PY bench/full_scale_rehearsal.py --jobs isc_irgen $REHEARSAL --cache "$WORK/rehearsal" \
+  --out "$WORK/rehearsal_out" --results "$WORK/rehearsal_results"
 
 echo "results: $OUT"
 if [[ $DRY == 1 ]]; then cat "$OUT"; fi

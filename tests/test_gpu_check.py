@@ -12,7 +12,7 @@ from tests.helpers import REPO
 STEPS = ["environment", "GPU-marked tests", "DDP, one process", "baseline,", "AREIR,", "IRGen pipeline,",
          "AREIR members: loop vs grouped", "AREIR members, activation checkpointing", "IRGen generator training step",
          "IRGen generator training step, torch.compile", "baseline ResNet-50 training step",
-         "beam search vs exact kNN", "faiss on the GPU"]
+         "beam search vs exact kNN", "faiss on the GPU", "isc_irgen stages at reduced size"]
 
 
 @pytest.mark.slow
