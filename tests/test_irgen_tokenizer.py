@@ -142,6 +142,23 @@ def fit_steps(model, dm, steps: int = 3) -> L.Trainer:
     return trainer
 
 
+def test_refit_every_n_epochs_and_after_the_last():
+    dm = tiny_digits()
+    model = tiny_tokenizer(dm, refit_every=2)
+    fits: list[tuple[str, int]] = []
+    refit = model._refit
+    model._refit = lambda when: (fits.append((when, model.current_epoch)), refit(when))
+    trainer = L.Trainer(max_epochs=5, limit_train_batches=1, limit_val_batches=1, check_val_every_n_epoch=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    # initialisation, then after epochs 2 and 4 (before their validation), and after the last (5th) epoch
+    assert [e for _, e in fits] == [0, 1, 3, 4] and fits[0][0] == "initialisation"
+    assert fits[1][0] == "epoch end" and fits[-1][0] == "epoch end, no validation"
+    with pytest.raises(ValueError, match="refit_every"):
+        tiny_tokenizer(dm, refit_every=0)
+
+
 def test_training_steps_then_identifiers_are_deterministic(tmp_path):
     torch.manual_seed(0)
     dm = tiny_digits()
