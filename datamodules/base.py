@@ -284,6 +284,12 @@ class RetrievalDataModule(L.LightningDataModule):
     def _to_normalized_float(self) -> list:
         return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Lightning's hook for the training/evaluation loops' batches, once on the device: `finish_batch`."""
+        if isinstance(batch, dict) and "image" in batch:
+            batch["image"] = self.finish_batch(batch["image"])
+        return batch
+
     def finish_batch(self, images: torch.Tensor) -> torch.Tensor:
         """A batch from the training/evaluation loaders as the model takes it: uint8 batches (made with
         ``normalize_on_device``) become normalised float32 where they are (the GPU); float batches pass."""

@@ -80,14 +80,6 @@ class RetrievalModule(L.LightningModule):
         return (np.pad(rows.numpy(), ((0, 0), (0, pad)), constant_values=-1),
                 np.pad(scores.numpy(), ((0, 0), (0, pad)), constant_values=np.nan))
 
-    # ---- input batches --------------------------------------------------------------------------------
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Batches of uint8 images (``dataset.normalize_on_device``) become normalised float32 on the device."""
-        dm = self._trainer.datamodule if self._trainer is not None else None
-        if isinstance(batch, dict) and "image" in batch and hasattr(dm, "finish_batch"):
-            batch["image"] = dm.finish_batch(batch["image"])
-        return batch
-
     # ---- exact resume --------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the random-number generators so a resumed run draws the same batches, flips and targets."""

@@ -11,7 +11,6 @@ from PIL import Image
 from datamodules.base import open_rgb
 from datamodules.cub import CUBDataModule
 from datamodules.loading import auto_workers, resolve_flag
-from irlab.baseline import EmbeddingBaseline
 
 
 def test_uint8_batches_normalised_after_transfer_equal_the_float_path(fake_cub):
@@ -22,10 +21,7 @@ def test_uint8_batches_normalised_after_transfer_equal_the_float_path(fake_cub):
     floats = next(iter(on_cpu.test_dataloader()))
     raw = next(iter(on_device.test_dataloader()))
     assert floats["image"].dtype == torch.float32 and raw["image"].dtype == torch.uint8
-    model = EmbeddingBaseline(num_classes=on_device.num_classes, arch="cnn_small")
-    model.trainer = type("T", (), {"datamodule": on_device})()  # what Lightning attaches
-    model._trainer = model.trainer
-    batch = model.on_after_batch_transfer(raw, 0)
+    batch = on_device.on_after_batch_transfer(raw, 0)  # what Lightning calls once the batch is on the device
     torch.testing.assert_close(batch["image"], floats["image"], atol=1e-6, rtol=0)
     assert next(iter(on_device.train_dataloader()))["image"].dtype == torch.uint8
 
@@ -66,3 +62,20 @@ def test_auto_workers_follow_the_job_cpus(monkeypatch):
     with pytest.raises(ValueError, match="dataset.pin_memory"):
         resolve_flag("yes", "pin_memory")
     assert resolve_flag("auto", "pin_memory") is torch.cuda.is_available()
+
+
+def test_a_training_run_with_uint8_batches(fake_cub):
+    """Lightning hands the loops' uint8 batches to the datamodule's hook: a model never sees uint8."""
+    import lightning as L
+
+    from irlab.baseline import EmbeddingBaseline
+
+    dm = CUBDataModule(root=str(fake_cub), image_size=32, resize_size=32, batch_size=4, num_workers=0,
+                       normalize_on_device=True)
+    dm.setup()
+    model = EmbeddingBaseline(num_classes=dm.num_classes, arch="cnn_small")
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=dm)
+    assert trainer.global_step == 2 and "val/R@1" in trainer.callback_metrics
