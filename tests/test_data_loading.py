@@ -69,11 +69,13 @@ def test_a_training_run_with_uint8_batches(fake_cub):
     import lightning as L
 
     from irlab.baseline import EmbeddingBaseline
+    from irlab.optim import preset
 
     dm = CUBDataModule(root=str(fake_cub), image_size=32, resize_size=32, batch_size=4, num_workers=0,
                        normalize_on_device=True)
     dm.setup()
-    model = EmbeddingBaseline(num_classes=dm.num_classes, arch="cnn_small")
+    model = EmbeddingBaseline(num_classes=dm.num_classes, arch="cnn_small",
+                              optimizer=preset("optimizer", "adamw", lr=1e-3))
     trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu", num_sanity_val_steps=0)
