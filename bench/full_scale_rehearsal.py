@@ -312,7 +312,7 @@ def main() -> None:
         samples = read_samples(args.out / name / "gpu_utilisation.csv") if args.gpu else None
         rows = table(args.out / name / "probe", gpu_samples=samples)
         report += [f"## {name}: {wall:.0f} s end to end", "", *rows, ""]
-        print("\n".join(report[-(len(rows) + 3):]), flush=True)
+        print("\n".join([f"{name}: {wall:.0f} s end to end", *rows]), flush=True)  # no heading: gpu_check nests it
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"rehearsal-{datetime.date.today()}-{commit}.md"
     path.write_text("\n".join(report) + "\n")
