@@ -199,10 +199,9 @@ def read_samples(path: Path) -> list[tuple[float, float]]:
 
 
 def run_job(name: str, repo: Path, data: Path, out: Path, gpu: bool = False) -> float:
+    shutil.rmtree(out / name, ignore_errors=True)  # a fresh run: no artifacts of an earlier one to reuse
     probe = out / name / "probe"
     probe.mkdir(parents=True, exist_ok=True)
-    for old in probe.glob("*.jsonl"):
-        old.unlink()
     command = [sys.executable, *job_command(name, gpu), f"paths.data_dir={data}",
                f"paths.log_dir={out / name / 'logs'}", f"hydra.run.dir={out / name / 'run'}",
                "+callbacks.rehearsal_probe._target_=bench.rehearsal_probe.StageProbe",
@@ -221,7 +220,7 @@ def run_job(name: str, repo: Path, data: Path, out: Path, gpu: bool = False) -> 
 
 
 def label(event: dict) -> str:
-    if event["kind"] == "start":
+    if event["kind"] == "start" or event["model"] == "?":  # before the first trainer's setup
         return "start-up (rank 0 launches rank 1, which imports and builds the job)"
     what = event["what"]
     if event["kind"] == "hook":
