@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from areir.model import (
+from areir.layers import (
     EnsembleConv,
     EnsembleLinear,
     EnsembleSE,

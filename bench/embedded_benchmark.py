@@ -50,8 +50,8 @@ def compose(overrides: list[str], output_dir: Path):
 
 
 def raw_pixels_r1(cfg) -> float:
+    from irlab.builders import build_datamodule
     from irlab.retrieval import evaluate_embeddings
-    from irlab.train import build_datamodule
 
     dm = build_datamodule(cfg)
     dataset = dm.eval_dataset("test")
@@ -65,7 +65,7 @@ def raw_pixels_r1(cfg) -> float:
 def untrained_r1(cfg) -> float:
     import lightning as L
 
-    from irlab.train import build_datamodule, build_model, logged_metrics
+    from irlab.builders import build_datamodule, build_model, logged_metrics
 
     L.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)

@@ -20,9 +20,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
 from datamodules.loading import AUTO, auto_workers, resolve_flag
+from datamodules.paths import expand_path
 from datamodules.protocol import EvalSet, ProtocolSplit, build_protocol, positions_by_class
 from datamodules.records import AnnotationError, ImageRecord
-from irlab.paths import expand_path
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
-from irgen.encoders import ImageEncoder
+from irgen.encoder_base import ImageEncoder
 from irlab.checkpoints import read_state_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

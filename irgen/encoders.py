@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from irgen.clip_weights import build_clip_encoder
+from irgen.encoder_base import ImageEncoder
 from irlab.backbones import RESNETS, SMALL_CNNS, build_torchvision, small_cnn_trunk
 from irlab.checkpoints import read_state_dict
 
@@ -36,15 +38,6 @@ VIT_SPECS = {
     "vit_s_16": ViTSpec(16, 12, 6, 384, 1536),
     "vit_tiny": ViTSpec(8, 4, 4, 128, 256),  # for 32-64 px images: a few seconds per epoch on CPU
 }
-
-
-class ImageEncoder(nn.Module):
-    """Common interface: ``forward(images [B,3,H,W]) -> tokens [B, T, dim]``; ``tokens[:, 0]`` is global."""
-
-    dim: int
-
-    def global_feature(self, images: torch.Tensor) -> torch.Tensor:
-        return self(images)[:, 0]
 
 
 class ViTEncoder(ImageEncoder):
@@ -145,8 +138,6 @@ def build_encoder(arch: str = "vit_b_16", image_size: int = 224, pretrained: boo
     if clip_output not in CLIP_OUTPUTS:
         raise ValueError(f"clip_output must be one of {CLIP_OUTPUTS}, got {clip_output!r}")
     if arch == "clip" or arch.startswith("clip_"):  # OpenAI/open_clip visual towers (the IRGen paper's encoder)
-        from irgen.clip_weights import build_clip_encoder
-
         return build_clip_encoder(arch, image_size, pretrained, output=clip_output)
     if arch in VIT_SPECS:
         return ViTEncoder(arch, image_size, pretrained)

@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 
 from irgen.generator import RANKING_ROWS, IRGenGenerator
 from irgen.signatures import GENERATOR_EVAL_KEYS
+from irlab.builders import build_datamodule
 from irlab.checkpoints import CheckpointError, model_class_name, read_checkpoint
-from irlab.train import build_datamodule, evaluate_model, resolve_ckpt_path
+from irlab.train import evaluate_model, resolve_ckpt_path
 
 log = logging.getLogger(__name__)
 

@@ -11,15 +11,16 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
 
+from datamodules.paths import expand_path
 from irgen.signatures import claim_stage_folder, generator_signature
 from irgen.stage_context import PipelineContext, rebuild_command
 from irgen.stage_trainer import build_stage_trainer, resume_checkpoint, select_checkpoint
 from irgen.tokenizer_stage import TOKENIZER_DIR
 from irlab.atomic_files import write_text_atomically
+from irlab.builders import build_model, log_hyperparameters, logged_metrics
 from irlab.folder_lock import folder_lock
-from irlab.paths import expand_path
 from irlab.run_config import write_run_overrides
-from irlab.train import build_model, fit_or_exit, log_hyperparameters, logged_metrics, this_command
+from irlab.train import fit_or_exit, this_command
 
 log = logging.getLogger("irgen.pipeline")  # one logger for every stage of the pipeline
 GENERATOR_DIR = "generator"

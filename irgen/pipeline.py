@@ -24,13 +24,13 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from datamodules.paths import expand_path
 from irgen.generator_stage import clear_generator_outputs, generator_stage
 from irgen.stage_context import PipelineContext
 from irgen.tokenizer_stage import clear_tokenizer_outputs, tokenizer_stage
-from irlab.paths import expand_path
+from irlab.builders import build_datamodule
 from irlab.provenance import run_provenance
 from irlab.reporting import print_metrics, write_metrics
-from irlab.train import build_datamodule
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.full_state_checkpoint import FullStateCheckpoint
 from callbacks.learning_curve import LearningCurve
+from irlab.builders import build_callbacks, build_trainer
 from irlab.checkpoints import read_checkpoint
-from irlab.train import build_callbacks, build_trainer
 
 # what debug=fast limits; it wins over a stage's own settings (a generator preset's 100 epochs)
 DEBUG_KEYS = ("max_epochs", "limit_train_batches", "limit_val_batches", "limit_test_batches", "num_sanity_val_steps")

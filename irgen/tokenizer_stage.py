@@ -17,9 +17,10 @@ from irgen.kmeans import effective_num_codes
 from irgen.signatures import artifact_expectation, claim_stage_folder
 from irgen.stage_context import ARTIFACT_NAME, PipelineContext, rebuild_command
 from irgen.stage_trainer import build_stage_trainer, load_weights, resume_checkpoint, select_checkpoint
+from irlab.builders import build_model, log_hyperparameters, logged_metrics
 from irlab.folder_lock import folder_lock
 from irlab.reporting import write_metrics
-from irlab.train import build_model, fit_or_exit, log_hyperparameters, logged_metrics, this_command
+from irlab.train import fit_or_exit, this_command
 
 log = logging.getLogger("irgen.pipeline")  # one logger for every stage of the pipeline
 STATS_NAME = "identifier_stats.json"

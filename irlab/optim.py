@@ -37,7 +37,7 @@ def require_optimizer(optimizer: Mapping | None, model: str) -> dict[str, Any]:
     if not optimizer or "_target_" not in optimizer:
         raise ValueError(f"{model} needs an optimizer node, e.g. optimizer={{'_target_': 'torch.optim.AdamW', "
                          f"'_partial_': True, 'lr': 1e-3}}: build the model from its config (conf/model/, "
-                         f"irlab.train.build_model) or pass one: irlab.optim.preset('optimizer', 'adamw', lr=...)")
+                         f"irlab.builders.build_model) or pass one: irlab.optim.preset('optimizer', 'adamw', lr=...)")
     return dict(optimizer)
 
 

@@ -27,7 +27,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import RetrievalDataModule, open_rgb
-from irlab.paths import expand_path
+from datamodules.paths import expand_path
+from irlab.builders import build_datamodule
 from irlab.retrieval import plot_retrieval_grid
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,6 @@ def report(hits: list[Hits], gallery: Gallery, score_name: str, folder: Path) ->
 
 def query_checkpoint(cfg: DictConfig) -> dict[str, float]:
     """`eval.py query=...`: load ``ckpt_path`` with the method's loader and retrieve for every query image."""
-    from irlab.train import build_datamodule
-
     datamodule = build_datamodule(cfg)
     model, _ = hydra.utils.get_method(cfg.method.load)(cfg, datamodule)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")

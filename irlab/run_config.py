@@ -71,7 +71,7 @@ def with_checkpoint_run_config(cfg, config_name: str = "eval"):
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
-    from irlab.paths import expand_path
+    from datamodules.paths import expand_path
 
     ckpt = cfg.get("ckpt_path")
     typed = list(HydraConfig.get().overrides.task)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from datamodules.paths import expand_path
+from irlab.builders import check_accelerator
 from irlab.checkpoints import CheckpointError, read_checkpoint
 from irlab.cli import require_plugins
-from irlab.paths import expand_path
-from irlab.train import check_accelerator
 
 
 def test_gpu_trainer_without_a_gpu_names_the_trainer_to_use(monkeypatch):

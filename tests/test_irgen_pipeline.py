@@ -19,7 +19,7 @@ from irgen.pipeline import STAGE_ORDER, STAGES, run
 from irgen.signatures import artifact_expectation
 from irgen.stage_trainer import load_weights
 from irgen.tokenizer import encode_records
-from irlab.train import build_datamodule, build_model
+from irlab.builders import build_datamodule, build_model
 from tests.helpers import REPO, compose_config
 
 # 16 px digits and a capped k-means pass keep the whole CLI run to a few seconds of compute

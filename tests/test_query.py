@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
+from irlab.builders import build_datamodule, build_model
 from irlab.checkpoints import MODEL_KEY, model_class_name
-from irlab.train import build_datamodule, build_model, run
+from irlab.train import run
 from tests.helpers import compose_config
 
 EXPERIMENTS = ("digits_baseline", "digits_areir", "digits_irgen")

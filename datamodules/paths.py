@@ -1,4 +1,5 @@
-"""Path options as users type them: ``~`` and ``$VARIABLES`` expanded wherever a path is read."""
+"""Path options as users type them: ``~`` and ``$VARIABLES`` expanded wherever a path is read (here, in the
+lowest layer, because dataset roots are the first paths a run reads; the framework uses it too)."""
 
 from __future__ import annotations
 
