@@ -10,13 +10,15 @@ import hydra
 from omegaconf import DictConfig
 
 import irlab.wait_policy  # noqa: F401 - first, before torch loads (OpenMP threads sleep when waiting)
+from irlab.cli import user_errors_as_messages
 from irlab.run_config import with_checkpoint_run_config
 from irlab.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    run(with_checkpoint_run_config(cfg), "evaluate")
+    with user_errors_as_messages():
+        run(with_checkpoint_run_config(cfg), "evaluate")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision.transforms import v2
 
+from datamodules.errors import UserInputError
 from datamodules.loading import AUTO, auto_workers, resolve_flag
 from datamodules.paths import expand_path
 from datamodules.protocol import EvalSet, ProtocolSplit, build_protocol, positions_by_class
@@ -32,7 +33,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageReadError(OSError):
+class ImageReadError(UserInputError, OSError):
     """An image file exists in the annotations but cannot be decoded."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from datamodules.errors import UserInputError
+
 # Official split tags a reader may assign. "train"/"test" for CUB, CARS, SOP and the embedded set;
 # "train"/"query"/"gallery" for In-shop.
 SPLITS = ("train", "test", "query", "gallery")
@@ -31,7 +33,7 @@ class ImageRecord:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r} for {self.path}")
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(UserInputError, FileNotFoundError):
     """A dataset folder is missing or does not look like the official download.
 
     The message always names the folder that was searched, the files that were expected there and the
@@ -48,7 +50,7 @@ class DatasetLayoutError(FileNotFoundError):
         )
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UserInputError, ValueError):
     """An annotation file has a line that cannot be parsed or points at something that does not exist."""
 
     def __init__(self, file: Path | str, line_number: int | None, problem: str) -> None:

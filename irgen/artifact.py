@@ -21,11 +21,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from datamodules.errors import MissingFileError, UserInputError
+
 ARTIFACT_VERSION = 1
 DEFAULT_REBUILD = "python train.py experiment=<your irgen experiment> irgen.stage=tokenizer irgen.rebuild=true"
 
 
-class StaleArtifactError(RuntimeError):
+class StaleArtifactError(UserInputError, RuntimeError):
     """The identifier artifact on disk was not built from this dataset/split/config (or was modified)."""
 
 
@@ -134,7 +136,7 @@ def load_artifact(path: str | Path, *, expected: dict[str, Any], rebuild_hint: s
     path = Path(path)
     rebuild = rebuild_hint or DEFAULT_REBUILD
     if not path.is_file():
-        raise FileNotFoundError(f"no IRGen identifier artifact at {path}. Build it with the tokenizer stage: "
+        raise MissingFileError(f"no IRGen identifier artifact at {path}. Build it with the tokenizer stage: "
                                 f"{rebuild.replace(' irgen.rebuild=true', '')}")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)

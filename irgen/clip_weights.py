@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vision_transformer import VisionTransformer
 
+from datamodules.errors import MissingFileError
 from irgen.encoder_base import ImageEncoder
 from irlab.checkpoints import read_state_dict
 
@@ -81,7 +82,7 @@ def read_clip_visual(path: str | Path) -> dict[str, torch.Tensor]:
     """The visual tower's tensors (CLIP key names, no ``visual.`` prefix) from a local checkpoint file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"CLIP checkpoint not found: {path}. Download e.g. {CLIP_URLS['clip_vit_b_16']} "
+        raise MissingFileError(f"CLIP checkpoint not found: {path}. Download e.g. {CLIP_URLS['clip_vit_b_16']} "
                                 f"and set irgen.tokenizer.encoder.pretrained=/path/to/ViT-B-16.pt")
     if _is_torchscript(path):
         with warnings.catch_warnings():  # torch.jit is deprecated but remains the only reader of these archives

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
 
+from datamodules.errors import MissingFileError
 from datamodules.paths import expand_path
 from irgen.signatures import claim_stage_folder, generator_signature
 from irgen.stage_context import PipelineContext, rebuild_command
@@ -38,7 +39,7 @@ def encoder_init_path(ctx: PipelineContext, value: str | None) -> Path | None:
     else:
         path = expand_path(value)
     if not path.is_file():
-        raise FileNotFoundError(f"generator encoder_init={value!r}: {path} does not exist. Run the tokenizer stage "
+        raise MissingFileError(f"generator encoder_init={value!r}: {path} does not exist. Run the tokenizer stage "
                                 f"first (irgen.stage=tokenizer) or set irgen.generator.encoder_init=null")
     return path
 

@@ -11,10 +11,12 @@ import logging
 import faiss
 import numpy as np
 
+from datamodules.errors import UserInputError
+
 log = logging.getLogger(__name__)
 
 
-class TooFewPointsError(ValueError):
+class TooFewPointsError(UserInputError, ValueError):
     """k-means was asked for more codes than the data can support."""
 
 

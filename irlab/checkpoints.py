@@ -7,15 +7,19 @@ tokenizer's handed to the IRGen evaluation, is named as such instead of failing 
 
 from __future__ import annotations
 
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from datamodules.errors import MissingFileError, UserInputError
+
 MODEL_KEY = "irlab_model"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserInputError, ValueError):
     """A file that is not the checkpoint the command needs."""
 
 
@@ -30,12 +34,28 @@ def safe_load(path: str | Path, what: str = "checkpoint", hint: str = "") -> Any
     path = Path(path).expanduser()
     tail = f" {hint}" if hint else ""
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}.{tail}")
+        raise MissingFileError(f"{what} not found: {path}.{tail}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - unpickling errors of every kind mean the same thing here
-        raise CheckpointError(f"{path} is not a PyTorch {what} that loads safely (weights_only=True): "
-                              f"{type(exc).__name__}: {exc}.{tail}") from exc
+        raise CheckpointError(f"{path} is not a PyTorch {what} that irlab can read safely "
+                              f"({load_failure(path, exc)}); irlab never unpickles Python objects from a "
+                              f"file.{tail}") from exc
+
+
+def load_failure(path: Path, exc: Exception) -> str:
+    """What `torch.load(weights_only=True)` found wrong, without its advice to retry with ``weights_only=False``
+    (the wrong advice for a file that is not a checkpoint at all, and a security risk for one from elsewhere)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not zipfile.is_zipfile(path) and not head.startswith(b"\x80"):  # neither torch.save's zip nor a pickle
+        return "it is neither a zip archive nor a pickle: not a checkpoint at all"
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:  # a real pickle holding Python objects beyond tensors and plain data
+        found = re.search(r"GLOBAL (\S+)", text)
+        return f"it holds Python objects ({found.group(1) if found else 'beyond tensors and plain data'})"
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return first if "weights_only" not in first else type(exc).__name__
 
 
 def read_state_dict(path: str | Path, what: str = "weights file", hint: str = "") -> dict[str, torch.Tensor]:

@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import RetrievalDataModule, open_rgb
+from datamodules.errors import MissingFileError
 from datamodules.paths import expand_path
 from irlab.builders import build_datamodule
 from irlab.retrieval import plot_retrieval_grid
@@ -64,7 +65,7 @@ class Hits:
 def image_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+        raise MissingFileError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
     return files
 
 
@@ -106,7 +107,7 @@ def read_queries(query: str, dm: RetrievalDataModule) -> list[Query]:
     path = expand_path(query)
     files = image_files(path) if path.is_dir() else [path] if path.is_file() else None
     if files is None:
-        raise FileNotFoundError(f"query={query}: no such image, folder or record of {dm.name} (a record path looks "
+        raise MissingFileError(f"query={query}: no such image, folder or record of {dm.name} (a record path looks "
                                 f"like {dm.records[0].path})")
     queries = []
     for f in files:

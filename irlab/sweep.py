@@ -27,6 +27,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.errors import MissingFileError
 from irlab.distributed import ddp_env_snapshot, end_ddp_job
 from irlab.leaderboard import leaderboard_rows, print_leaderboard, write_leaderboard
 
@@ -73,7 +74,7 @@ def summarize(sweep_dir: str | Path, metrics: list[str], filename: str = "summar
     """Write ``<sweep_dir>/<filename>``: one row per job (job, status, one column per override key, metrics)."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep folder {sweep_dir} does not exist: nothing to summarise")
+        raise MissingFileError(f"sweep folder {sweep_dir} does not exist: nothing to summarise")
     jobs = [read_job(d) for d in find_job_dirs(sweep_dir)]
     keys: list[str] = []
     for job in jobs:

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from datamodules.base import RetrievalDataModule
+from datamodules.errors import MissingFileError
 from datamodules.paths import expand_path
 from irlab.builders import (
     build_datamodule,
@@ -53,14 +54,14 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | No
     if ckpt_path in ("last", "on_exception"):
         candidate = Path(output_dir) / "checkpoints" / f"{ckpt_path}.ckpt"
         if not candidate.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"ckpt_path={ckpt_path} but {candidate} does not exist. To resume, run again in the same folder "
                 f"(hydra.run.dir=<old run folder>) or pass ckpt_path=/path/to/{ckpt_path}.ckpt"
             )
         return str(candidate)
     path = expand_path(ckpt_path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise MissingFileError(f"checkpoint not found: {path}")
     return str(path)
 
 
