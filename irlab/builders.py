@@ -20,6 +20,7 @@ from callbacks.gpu_layout import GpuLayout
 from datamodules.base import RetrievalDataModule
 from irlab.atomic_files import StreamingCheckpointIO
 from irlab.distributed import install_hydra_ddp_launch
+from irlab.quiet_output import quiet_lightning
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def build_trainer(cfg: DictConfig, trainer_cfg: DictConfig | None = None, callba
     callbacks (already built and adapted by the caller)."""
     trainer_cfg = cfg.trainer if trainer_cfg is None else trainer_cfg
     check_accelerator(trainer_cfg)
+    quiet_lightning()  # no cloud-logger tip or always-true notices in every run's output
     install_hydra_ddp_launch()
     callbacks = build_callbacks(cfg) if callbacks is None else callbacks
     callbacks = [*callbacks, GpuLayout()]  # TF32 and channels-last on GPU trainers (callbacks/gpu_layout.py)
