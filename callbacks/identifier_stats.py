@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 
 from callbacks.base import EvalResultCallback
 from callbacks.media import figure_path, log_image, log_scalars
-from irlab.code_usage import perplexity
+from irlab.code_usage import counts_perplexity
 
 
 def usage_summary(usage: list[np.ndarray]) -> dict[str, float]:
@@ -26,7 +26,7 @@ def usage_summary(usage: list[np.ndarray]) -> dict[str, float]:
         if counts.size == 0 or (counts < 0).any():
             raise ValueError(f"identifier_stats['usage'][{level}] must be non-negative counts per code")
         out[f"ids/level{level}/used_fraction"] = float((counts > 0).mean())
-        out[f"ids/level{level}/perplexity"] = perplexity(counts)
+        out[f"ids/level{level}/perplexity"] = counts_perplexity(counts)
     return out
 
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from irgen.quantizer import perplexity
+from irlab.code_usage import codes_perplexity
 from irlab.retrieval import evaluate_embeddings, evaluate_rankings
 
 
@@ -24,7 +24,7 @@ def identifier_stats(codes: np.ndarray, labels: np.ndarray, num_codes: int) -> d
                                "codes_per_level": float(num_codes)}
     for d in range(codes.shape[1]):
         stats[f"usage_l{d}"] = float(len(np.unique(codes[:, d])) / num_codes)
-        stats[f"perplexity_l{d}"] = perplexity(codes[:, d], num_codes)
+        stats[f"perplexity_l{d}"] = codes_perplexity(codes[:, d], num_codes)
         stats[f"prefix_purity_l{d}"] = prefix_purity(codes[:, : d + 1], labels)
     ids, inverse, sizes = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)

@@ -18,7 +18,6 @@ import torch.distributed as dist
 from torch import nn
 
 from irgen.kmeans import assign, check_enough_points, kmeans, reseed_dead_codes
-from irlab.code_usage import perplexity as counts_perplexity
 
 
 @dataclass
@@ -159,9 +158,3 @@ def assign_chunked(points: np.ndarray, centroids: np.ndarray, chunk: int = 16384
     if not out:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
     return np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out])
-
-
-def perplexity(codes: torch.Tensor | np.ndarray, num_codes: int) -> float:
-    """exp(entropy) of a level's code distribution: K when usage is uniform, 1 when one code takes all."""
-    codes = np.asarray(codes.cpu() if isinstance(codes, torch.Tensor) else codes).reshape(-1)
-    return counts_perplexity(np.bincount(codes, minlength=num_codes))

@@ -25,9 +25,10 @@ from torch import nn
 
 from irgen.encoders import build_encoder_from_config
 from irgen.kmeans import check_enough_points
-from irgen.quantizer import Quantized, ResidualQuantizer, perplexity
-from irlab.baseline import NormalizedSoftmaxLoss
+from irgen.quantizer import Quantized, ResidualQuantizer
+from irlab.code_usage import codes_perplexity
 from irlab.inference import map_dataset_sharded
+from irlab.losses import LinearSoftmaxLoss, NormalizedSoftmaxLoss
 from irlab.module import RetrievalModule
 from irlab.optim import module_optimization
 from irlab.plain import to_plain
@@ -39,17 +40,6 @@ UPDATES = ("refit", "ema")
 DEFAULT_LOSS = {"raw": 1.0, "partial": 1.0, "commit": 0.25}
 LOSS_FORMS = ("irlab", "reference")
 HEADS = ("cosine_shared", "linear_separate")
-
-
-class LinearSoftmaxLoss(nn.Module):
-    """Cross-entropy of a plain linear classifier (the reference tokenizer's ``fc`` / ``fc_rq`` heads)."""
-
-    def __init__(self, num_classes: int, dim: int) -> None:
-        super().__init__()
-        self.fc = nn.Linear(dim, num_classes)
-
-    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.fc(features), labels)
 
 
 class IRGenTokenizer(RetrievalModule):
@@ -102,6 +92,8 @@ class IRGenTokenizer(RetrievalModule):
             self.partial_classifier = LinearSoftmaxLoss(num_classes, dim)
         self.loss_weights = loss_weights
         self._refit_epoch = -1
+        # codebook usage of the last evaluation (`code_usage`), what `callbacks.identifier_stats` draws
+        self.identifier_stats: dict | None = None
 
     # ---- features and identifiers ---------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -152,7 +144,7 @@ class IRGenTokenizer(RetrievalModule):
             self.log("train/reseeded_codes", float(reseeded), reduce_fx="sum")
         self.log_dict({"train/loss": loss, "train/loss_raw": loss_raw, "train/loss_partial": loss_partial,
                        "train/commit": commit}, prog_bar=False)
-        self.log("train/perplexity_l0", perplexity(q.codes[:, 0], self.quantizer.num_codes))
+        self.log("train/perplexity_l0", codes_perplexity(q.codes[:, 0], self.quantizer.num_codes))
         return loss
 
     # ---- codebook fitting -----------------------------------------------------------------------------

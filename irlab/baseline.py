@@ -10,26 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from irlab.backbones import resnet_trunk
+from irlab.losses import NormalizedSoftmaxLoss
 from irlab.module import RetrievalModule
 from irlab.optim import module_optimization
 from irlab.plain import to_plain
-
-
-class NormalizedSoftmaxLoss(nn.Module):
-    """Cross-entropy over cosine similarities to learnable class proxies, scaled by 1/temperature."""
-
-    def __init__(self, num_classes: int, dim: int, temperature: float = 0.05) -> None:
-        super().__init__()
-        self.proxies = nn.Parameter(torch.randn(num_classes, dim) / dim**0.5)
-        self.temperature = temperature
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = F.normalize(embeddings, dim=-1) @ F.normalize(self.proxies, dim=-1).T
-        return F.cross_entropy(logits / self.temperature, labels)
 
 
 class EmbeddingBaseline(RetrievalModule):
