@@ -15,7 +15,7 @@ from datamodules.errors import MissingFileError
 from datamodules.paths import expand_path
 from irgen.signatures import claim_stage_folder, generator_signature
 from irgen.stage_context import PipelineContext, rebuild_command
-from irgen.stage_trainer import build_stage_trainer, resume_checkpoint, select_checkpoint
+from irgen.stage_trainer import LAST_CHECKPOINT, build_stage_trainer, resume_checkpoint, select_checkpoint
 from irgen.tokenizer_stage import TOKENIZER_DIR
 from irlab.atomic_files import write_text_atomically
 from irlab.builders import build_model, log_hyperparameters, logged_metrics
@@ -35,7 +35,7 @@ def encoder_init_path(ctx: PipelineContext, value: str | None) -> Path | None:
         return None
     if value == "tokenizer":  # the checkpoint the identifiers were encoded with (recorded in the artifact)
         recorded = (ctx.artifact.meta.get("checkpoint") if ctx.artifact else None) or ""
-        path = Path(recorded) if Path(recorded).is_file() else ctx.artifact_dir / TOKENIZER_DIR / "last.ckpt"
+        path = Path(recorded) if Path(recorded).is_file() else ctx.artifact_dir / TOKENIZER_DIR / LAST_CHECKPOINT
     else:
         path = expand_path(value)
     if not path.is_file():
@@ -69,7 +69,7 @@ def generator_dir(artifact_dir: Path, signature: dict) -> Path:
 def train_or_reuse_generator(ctx: PipelineContext, gen_dir: Path, signature: dict) -> dict[str, float]:
     cfg, dm = ctx.cfg, ctx.datamodule
     artifact = ctx.identifiers()
-    claim_stage_folder(gen_dir, signature, ("last.ckpt", GENERATOR_DONE), "a generator trained",
+    claim_stage_folder(gen_dir, signature, (LAST_CHECKPOINT, GENERATOR_DONE), "a generator trained",
                        rebuild_command(cfg, "generator"))
     for key in [k for k in ctx.metrics if k.startswith("val/")]:
         ctx.metrics[f"tokenizer/{key}"] = ctx.metrics.pop(key)
@@ -77,7 +77,7 @@ def train_or_reuse_generator(ctx: PipelineContext, gen_dir: Path, signature: dic
     model = build_model(cfg.irgen.generator, dm, code_depth=artifact.num_levels, codebook_size=artifact.num_codes)
     model.set_identifiers(artifact.codes)
     trainer = build_stage_trainer(cfg, "generator", gen_dir, monitor="val/R@1")
-    done, last = gen_dir / GENERATOR_DONE, gen_dir / "last.ckpt"
+    done, last = gen_dir / GENERATOR_DONE, gen_dir / LAST_CHECKPOINT
     metrics: dict[str, float] = {}
     if done.is_file():
         best = json.loads(done.read_text())["checkpoint"]

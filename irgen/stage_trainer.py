@@ -14,6 +14,8 @@ from callbacks.learning_curve import LearningCurve
 from irlab.builders import build_callbacks, build_trainer
 from irlab.checkpoints import read_checkpoint
 
+# a stage folder's full training state (what an interrupted stage resumes from) and its crash/SIGTERM twin
+LAST_CHECKPOINT, ON_EXCEPTION_CHECKPOINT = "last.ckpt", "on_exception.ckpt"
 # what debug=fast limits; it wins over a stage's own settings (a generator preset's 100 epochs)
 DEBUG_KEYS = ("max_epochs", "limit_train_batches", "limit_val_batches", "limit_test_batches", "num_sanity_val_steps")
 
@@ -47,14 +49,15 @@ def build_stage_trainer(cfg: DictConfig, stage: str, ckpt_dir: Path, monitor: st
     callbacks = build_callbacks(cfg, adapt)
     resumable = not cfg.get("debug_run")  # debug=fast writes no full training state (conf/debug/fast.yaml)
     if resumable and not any(isinstance(c, ModelCheckpoint) and c.monitor is None for c in callbacks):
-        callbacks.append(FullStateCheckpoint(dirpath=str(ckpt_dir), filename="last", save_top_k=1,  # resume needs it
-                                             enable_version_counter=False, save_on_train_epoch_end=True))
+        callbacks.append(FullStateCheckpoint(  # resume needs it
+            dirpath=str(ckpt_dir), filename=Path(LAST_CHECKPOINT).stem, save_top_k=1, enable_version_counter=False,
+            save_on_train_epoch_end=True))
     return build_trainer(cfg, trainer_cfg=stage_trainer_config(cfg, stage), callbacks=callbacks)
 
 
 def resume_checkpoint(stage_dir: Path) -> str | None:
     """The newest of the stage's ``on_exception.ckpt`` (SIGTERM or a crash, mid-epoch) and ``last.ckpt``."""
-    found = [p for p in (stage_dir / "on_exception.ckpt", stage_dir / "last.ckpt") if p.is_file()]
+    found = [p for p in (stage_dir / ON_EXCEPTION_CHECKPOINT, stage_dir / LAST_CHECKPOINT) if p.is_file()]
     return str(max(found, key=lambda p: p.stat().st_mtime_ns)) if found else None
 
 

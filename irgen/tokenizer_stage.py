@@ -16,7 +16,7 @@ from irgen.identifier_stats import identifier_stats, quantized_retrieval
 from irgen.kmeans import effective_num_codes
 from irgen.signatures import artifact_expectation, claim_stage_folder
 from irgen.stage_context import ARTIFACT_NAME, PipelineContext, rebuild_command
-from irgen.stage_trainer import build_stage_trainer, load_weights, resume_checkpoint, select_checkpoint
+from irgen.stage_trainer import LAST_CHECKPOINT, build_stage_trainer, load_weights, resume_checkpoint, select_checkpoint
 from irlab.builders import build_model, log_hyperparameters, logged_metrics
 from irlab.folder_lock import folder_lock
 from irlab.reporting import write_metrics
@@ -54,7 +54,8 @@ def build_or_reuse_tokenizer(ctx: PipelineContext) -> dict[str, float]:
         n_train = min(n_train, int(model_cfg.kmeans_max_points))
     num_codes = effective_num_codes(int(model_cfg.num_codes), n_train, int(model_cfg.get("min_points_per_code", 4)))
     model = build_model(model_cfg, dm, num_codes=num_codes)
-    claim_stage_folder(tok_dir, expected, ("last.ckpt",), "an interrupted tokenizer run (it cannot be resumed)", hint)
+    claim_stage_folder(tok_dir, expected, (LAST_CHECKPOINT,), "an interrupted tokenizer run (it cannot be resumed)",
+                       hint)
     trainer = build_stage_trainer(cfg, "tokenizer", tok_dir)
     log_hyperparameters(trainer, cfg, model, dm)
     resume = resume_checkpoint(tok_dir)
@@ -64,7 +65,7 @@ def build_or_reuse_tokenizer(ctx: PipelineContext) -> dict[str, float]:
                 ckpt_path=resume, weights_only=True)
     metrics = logged_metrics(trainer, "val/")
 
-    selected, selection = select_checkpoint(trainer, tok_dir / "last.ckpt")
+    selected, selection = select_checkpoint(trainer, tok_dir / LAST_CHECKPOINT)
     log.info(f"tokenizer: encoding identifiers with the {selection} checkpoint ({selected})")
     load_weights(model, selected)
     ctx.artifact, stats = encode_artifact(model, dm, trainer, meta={
