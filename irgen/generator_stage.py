@@ -104,7 +104,7 @@ def train_or_reuse_generator(ctx: PipelineContext, gen_dir: Path, signature: dic
             write_text_atomically(done, json.dumps({"checkpoint": best, "metrics": metrics}, indent=2, sort_keys=True))
             write_run_overrides(gen_dir)  # `eval.py ckpt_path=<this folder's checkpoint>` needs nothing else
         trainer.strategy.barrier()
-    if cfg.get("test", True):
+    if cfg.test:  # conf/train.yaml
         log.info(f"generator: testing {best}")
         trainer.test(model, datamodule=dm, ckpt_path=best, weights_only=True, verbose=False)
         metrics.update(logged_metrics(trainer, "test/"))

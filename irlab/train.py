@@ -116,7 +116,7 @@ def fit_and_test(cfg: DictConfig) -> dict[str, float]:
                 datamodule=datamodule, ckpt_path=resume)
     metrics = logged_metrics(trainer, "val/", "train/")
 
-    if cfg.get("test"):
+    if cfg.test:  # conf/train.yaml
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if best:
             log.info(f"testing best checkpoint {best}")
