@@ -138,9 +138,13 @@ class DigitPairsDataModule(RetrievalDataModule):
     url = "(rendered from scikit-learn's bundled digits)"
 
     def __init__(self, images_per_class: int = 40, render_seed: int = 0, **kwargs) -> None:
+        # the embedded benchmark's settings, the same as conf/dataset/digit_pairs.yaml (a test compares them)
         kwargs.setdefault("image_size", CANVAS)
         kwargs.setdefault("mean", PAIR_MEAN)
         kwargs.setdefault("std", PAIR_STD)
+        kwargs.setdefault("hflip", False)  # a mirrored "12" is not a 12
+        kwargs.setdefault("val_fraction", 0.2)
+        kwargs.setdefault("eval_batch_size", 256)
         super().__init__(**kwargs)
         self.images_per_class, self.render_seed = images_per_class, render_seed
         self._pixels: np.ndarray | None = None

@@ -32,9 +32,11 @@ class DigitsDataModule(RetrievalDataModule):
     url = "(bundled with scikit-learn)"
 
     def __init__(self, **kwargs) -> None:
+        # the same as conf/dataset/digits.yaml (a test compares them)
         kwargs.setdefault("image_size", 32)
         kwargs.setdefault("mean", DIGITS_MEAN)
         kwargs.setdefault("std", DIGITS_STD)
+        kwargs.setdefault("eval_batch_size", 256)
         super().__init__(**kwargs)
         self._pixels: np.ndarray | None = None
 

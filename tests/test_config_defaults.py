@@ -109,3 +109,16 @@ def test_cosine_restarts_is_timm_semantics():
         sched.step()
     for group, group_base in zip(opt.param_groups, (base, base * 0.01), strict=True):
         assert group["lr"] == pytest.approx(cosine_restarts_lr(25.5, group_base, **ref))
+
+
+@pytest.mark.parametrize("name", ["digit_pairs", "digits"])
+def test_python_defaults_equal_the_embedded_dataset_yaml(name, tmp_path):
+    """The embedded sets built in Python (tests, notebooks) are the configured ones."""
+    cfg = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
+    dm = hydra.utils.get_class(cfg._target_)(data_dir=str(tmp_path))
+    for key in cfg.keys():
+        if key in ("_target_", "data_dir") or OmegaConf.is_interpolation(cfg, key):
+            continue
+        value = OmegaConf.to_container(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        got = getattr(dm, key)
+        assert (list(got) if isinstance(got, tuple) else got) == value, f"{name}.yaml: {key}={value!r}, Python {got!r}"

@@ -35,7 +35,7 @@ def test_cache_returns_the_rendering_and_survives_corruption(tmp_path):
 def test_classes_are_numbers_and_splits_follow_the_protocols(tmp_path):
     assert sorted(number_of_class(c) for c in range(100)) == list(range(100))
     assert number_of_class(int(CLASS_OF_NUMBER[42])) == 42
-    dm = DigitPairsDataModule(data_dir=str(tmp_path), images_per_class=5, protocol="zero_shot")
+    dm = DigitPairsDataModule(data_dir=str(tmp_path), images_per_class=5, protocol="zero_shot", val_fraction=0)
     dm.setup()
     train = {dm.records[i].label for i in dm.split.train_ids}
     test = set(dm.split.test.labels.tolist())
@@ -43,7 +43,7 @@ def test_classes_are_numbers_and_splits_follow_the_protocols(tmp_path):
     # the zero-shot training numbers contain every digit in both positions (the permutation mixes them)
     numbers = [number_of_class(c) for c in train]
     assert {n // 10 for n in numbers} == set(range(10)) and {n % 10 for n in numbers} == set(range(10))
-    closed = DigitPairsDataModule(data_dir=str(tmp_path), images_per_class=5, protocol="closed_set")
+    closed = DigitPairsDataModule(data_dir=str(tmp_path), images_per_class=5, protocol="closed_set", val_fraction=0)
     closed.setup()
     queries = closed.split.test.record_ids[closed.split.test.query_mask]
     assert len(queries) == 100 and set(closed.split.test.labels.tolist()) == set(range(100))
