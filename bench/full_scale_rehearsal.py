@@ -39,24 +39,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run from anywhere without installing
+
+from bench.data_loading import photo_like  # noqa: E402  the same photo-like JPEG content as the loading bench
+
 TEMPLATES = 512
 INSHOP_TOP = "In-shop Clothes Retrieval Benchmark"
 SOP_TOP = "Stanford_Online_Products"
 SOP_CATEGORIES = ["bicycle", "cabinet", "chair", "coffee_maker", "fan", "kettle", "lamp", "mug", "sofa",
                   "stapler", "table", "toaster"]
-
-
-def photo_like(size: tuple[int, int], seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    x, y = np.meshgrid(np.linspace(0, 1, w), np.linspace(0, 1, h))
-    base = np.stack([np.sin(6 * x + seed), np.cos(5 * y + seed / 7), np.sin(4 * (x + y))], -1) * 0.4 + 0.5
-    texture = 0.08 * np.sin(80 * x * (1 + rng.random())) * np.cos(60 * y)
-    pixels = np.clip(base + texture[..., None] + rng.normal(0, 0.03, (h, w, 3)), 0, 1)
-    return Image.fromarray((pixels * 255).astype(np.uint8))
 
 
 def templates(folder: Path, size: tuple[int, int]) -> list[Path]:

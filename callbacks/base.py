@@ -10,6 +10,8 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from irlab.module import is_last_epoch
+
 
 class EvalResultCallback(Callback):
     """``val_every``: act on every that-many-th validation (the first and the last epoch's always); test results
@@ -36,8 +38,7 @@ class EvalResultCallback(Callback):
         self._seen = result
         if stage == "val":
             self._validations += 1
-            last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
-            if (self._validations - 1) % self.val_every and not last:
+            if (self._validations - 1) % self.val_every and not is_last_epoch(trainer):
                 return
         self.on_eval(trainer, pl_module, result)
 

@@ -15,6 +15,8 @@ import time
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from irlab.module import is_last_epoch
+
 
 class FullStateCheckpoint(ModelCheckpoint):
     def __init__(self, *args, every_n_epochs: int = 1, every_n_minutes: float | None = None, **kwargs) -> None:
@@ -27,9 +29,8 @@ class FullStateCheckpoint(ModelCheckpoint):
 
     def due(self, trainer: L.Trainer) -> bool:
         """Whether this epoch end saves (rank 0's clock decides for every rank)."""
-        epoch = trainer.current_epoch + 1
-        last = trainer.should_stop or (trainer.max_epochs is not None and epoch >= trainer.max_epochs)
-        by_epochs = bool(self.period_epochs) and epoch % self.period_epochs == 0
+        last = trainer.should_stop or is_last_epoch(trainer)
+        by_epochs = bool(self.period_epochs) and (trainer.current_epoch + 1) % self.period_epochs == 0
         by_time = self.every_n_minutes is not None and time.monotonic() - self._saved_at >= 60 * self.every_n_minutes
         return bool(trainer.strategy.broadcast(last or by_epochs or by_time, src=0))
 

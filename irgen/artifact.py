@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import numpy as np
 import torch
 
 from datamodules.errors import MissingFileError, UserInputError
+from irlab.atomic_files import save_file_atomically
 
 ARTIFACT_VERSION = 1
 DEFAULT_REBUILD = "python train.py experiment=<your irgen experiment> irgen.stage=tokenizer irgen.rebuild=true"
@@ -98,12 +98,7 @@ def save_artifact(path: str | Path, artifact: IdentifierArtifact) -> Path:
     meta = dict(artifact.meta, version=ARTIFACT_VERSION, sha256=content_hash(codes, codebooks))
     meta_json = json.dumps(meta, sort_keys=True)  # raises on anything that is not json-able
     artifact.meta = json.loads(meta_json)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save({"codes": codes, "codebooks": codebooks, "meta_json": meta_json}, tmp)
-    os.replace(tmp, path)
-    return path
+    return save_file_atomically({"codes": codes, "codebooks": codebooks, "meta_json": meta_json}, path)
 
 
 def differences(expected: Any, found: Any, where: str = "", source: str = "artifact",

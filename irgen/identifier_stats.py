@@ -67,7 +67,8 @@ def quantized_retrieval(raw: np.ndarray, recon: np.ndarray, codes: np.ndarray, e
                         ks: Sequence[int] = (1, 2, 4, 8)) -> dict[str, float]:
     """R@K of the raw features, of the reconstructions, and of prefix ranking, on `eval_set`'s queries/gallery.
 
-    `raw`, `recon`, `codes` are indexed by record id (rows of `datamodule.records`).
+    `raw`, `recon`, `codes` are indexed by ``eval_set.record_ids`` (record ids, or rows of a subset of the records
+    given in that numbering).
     """
     ids, labels = eval_set.record_ids, eval_set.labels
     q, g = ids[eval_set.query_mask], ids[eval_set.gallery_mask]

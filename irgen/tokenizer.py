@@ -29,7 +29,7 @@ from irgen.quantizer import Quantized, ResidualQuantizer
 from irlab.code_usage import codes_perplexity
 from irlab.inference import map_dataset_sharded
 from irlab.losses import LinearSoftmaxLoss, NormalizedSoftmaxLoss
-from irlab.module import RetrievalModule
+from irlab.module import RetrievalModule, is_last_epoch
 from irlab.optim import module_optimization
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
@@ -207,8 +207,7 @@ class IRGenTokenizer(RetrievalModule):
         """A ``refit`` epoch end that has not re-fitted yet: every ``refit_every``-th epoch and the last one."""
         if self.hparams.codebook_update != "refit" or self._refit_epoch == self.current_epoch:
             return False
-        last = self.trainer.max_epochs is not None and self.current_epoch + 1 >= self.trainer.max_epochs
-        return last or (self.current_epoch + 1) % self.hparams.refit_every == 0
+        return is_last_epoch(self.trainer) or (self.current_epoch + 1) % self.hparams.refit_every == 0
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()

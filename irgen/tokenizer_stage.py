@@ -3,11 +3,13 @@ and its statistics (`irgen.pipeline` runs it)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -101,11 +103,11 @@ def encode_artifact(model, dm, trainer, meta: dict[str, Any]) -> tuple[Identifie
     stats: dict[str, float] = {}
     if trainer.is_global_zero:
         recon = model.quantizer.decode(codes.to(model.device))[:, -1].float().cpu()
-        raw_full = torch.zeros(dm.num_records, features.shape[1])
-        recon_full = torch.zeros_like(raw_full)
-        raw_full[ids], recon_full[ids] = features, recon
         stats = identifier_stats(codes.numpy(), dm.record_labels(ids), model.quantizer.num_codes)
-        stats.update(quantized_retrieval(raw_full.numpy(), recon_full.numpy(), full.numpy(), dm.eval_set("val")))
+        # the validation set by rows of `ids` (sorted, and holding every validation image), not by record id
+        val = dm.eval_set("val")
+        val = dataclasses.replace(val, record_ids=np.searchsorted(ids, val.record_ids))
+        stats.update(quantized_retrieval(features.numpy(), recon.numpy(), codes.numpy(), val))
     meta = {**meta, "num_levels": model.quantizer.num_levels, "num_codes": model.quantizer.num_codes,
             "stats": stats, "eval_split": "val", "encoded_records": len(ids)}
     return IdentifierArtifact(codes=full, codebooks=model.quantizer.codebooks.detach().cpu(), meta=meta), stats

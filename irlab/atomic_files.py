@@ -11,21 +11,23 @@ in the same folder, which is flushed to disk and renamed over the target.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
-def save_file_atomically(checkpoint: dict[str, Any], path: str | Path) -> Path:
-    """`torch.save` to a temporary file next to `path`, fsync, rename over `path`."""
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], object]) -> Path:
+    """``write(file)`` into a temporary file next to `path`, fsync, rename over `path`; on failure the temporary
+    file is removed and `path` keeps what it held."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -34,14 +36,14 @@ def save_file_atomically(checkpoint: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+def save_file_atomically(obj: Any, path: str | Path) -> Path:
+    """`torch.save` of `obj` (a checkpoint, an artifact), streamed by `write_atomically`."""
+    return write_atomically(path, lambda f: torch.save(obj, f))
+
+
 def write_text_atomically(path: str | Path, text: str) -> Path:
     """`Path.write_text`, atomically (markers, signatures)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda f: f.write(text.encode()))
 
 
 class StreamingCheckpointIO(TorchCheckpointIO):

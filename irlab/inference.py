@@ -60,8 +60,8 @@ def map_dataset_sharded(model: nn.Module, fn: Callable[[torch.Tensor], tuple[tor
     """`map_images` of a dataset of `datamodules.base.RecordDataset` kind (its items carry their ``index``) split
     across DDP ranks: each rank runs every world-th image on its own device, and the outputs come back in dataset
     order (`irlab.sharding.gather_rows`) on rank `dst` (None: on every rank; other ranks get None; a sequence: one
-per output). Rows of images
-    that could not be read (``dataset.skip_corrupt``) hold `fill`. Without DDP it is `map_images` in order.
+    per output). Rows of images that could not be read (``dataset.skip_corrupt``) hold `fill`. Without DDP it is
+    `map_images` in order.
 
     Why: one rank encoding a whole dataset while the others wait (and, after ``fit``, on the CPU where Lightning
     left the model) is what kept GPUs idle for hours at In-shop size; sharded, each of 8 GPUs encodes 1/8."""

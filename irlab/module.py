@@ -44,6 +44,12 @@ class EvalResult:
     positions: np.ndarray | None = None  # full eval-set position of each row above when a limited loader saw a subset
 
 
+def is_last_epoch(trainer: L.Trainer) -> bool:
+    """The epoch now ending is the run's last by ``max_epochs`` (re-fits, figures and full-state checkpoints are
+    always done for it, whatever their cadence)."""
+    return trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+
+
 class RetrievalModule(L.LightningModule):
     """Shared validation/test loop. Subclasses: `embed` and `training_step`; `evaluation_outputs` and `rank_gallery`
     where a method ranks by more than an embedding."""

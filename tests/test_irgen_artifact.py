@@ -60,10 +60,9 @@ def test_a_write_killed_halfway_leaves_the_previous_artifact_intact(tmp_path, mo
     path = save_artifact(tmp_path / "identifiers.pt", old)
     real_save = torch.save
 
-    def killed_mid_write(obj, f):
+    def killed_mid_write(obj, f):  # `f`: the open temporary file the artifact is streamed into
         real_save(obj, f)
-        with open(f, "r+b") as handle:  # truncate what was written, then die
-            handle.truncate(100)
+        f.truncate(100)  # truncate what was written, then die
         raise KeyboardInterrupt
 
     monkeypatch.setattr("irgen.artifact.torch.save", killed_mid_write)
