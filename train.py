@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 import irlab.wait_policy  # noqa: F401 - first, before torch loads (OpenMP threads sleep when waiting)
 from irlab.cli import require_plugins, user_errors_as_messages
-from irlab.train import run
+from irlab.runner import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

@@ -76,7 +76,7 @@ def untrained_r1(cfg) -> float:
 
 
 def trained(cfg) -> tuple[float, int, float]:
-    from irlab.train import run
+    from irlab.runner import run
 
     start = time.perf_counter()
     metrics = run(cfg, "train")

@@ -34,7 +34,7 @@ from bench.embedded_benchmark import compose  # noqa: E402
 
 
 def run_preset(overrides: list[str], out: Path) -> dict[str, float]:
-    from irlab.train import run
+    from irlab.runner import run
 
     cfg = compose(overrides, out)
     return run(cfg, "train")

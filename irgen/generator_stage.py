@@ -15,13 +15,12 @@ from datamodules.errors import MissingFileError
 from datamodules.paths import expand_path
 from irgen.signatures import claim_stage_folder, generator_signature
 from irgen.stage_context import PipelineContext, rebuild_command
-from irgen.stage_trainer import LAST_CHECKPOINT, build_stage_trainer, resume_checkpoint, select_checkpoint
+from irgen.stage_trainer import LAST_CHECKPOINT, build_stage_trainer, fit_stage
 from irgen.tokenizer_stage import TOKENIZER_DIR
 from irlab.atomic_files import write_text_atomically
-from irlab.builders import build_model, log_hyperparameters, logged_metrics
+from irlab.builders import build_model, logged_metrics
 from irlab.folder_lock import folder_lock
 from irlab.run_config import write_run_overrides
-from irlab.train import fit_or_exit, this_command
 
 log = logging.getLogger("irgen.pipeline")  # one logger for every stage of the pipeline
 GENERATOR_DIR = "generator"
@@ -70,7 +69,7 @@ def train_or_reuse_generator(ctx: PipelineContext, gen_dir: Path, signature: dic
     cfg, dm = ctx.cfg, ctx.datamodule
     artifact = ctx.identifiers()
     claim_stage_folder(gen_dir, signature, (LAST_CHECKPOINT, GENERATOR_DONE), "a generator trained",
-                       rebuild_command(cfg, "generator"))
+                       rebuild_command("generator"))
     for key in [k for k in ctx.metrics if k.startswith("val/")]:
         ctx.metrics[f"tokenizer/{key}"] = ctx.metrics.pop(key)
 
@@ -88,17 +87,8 @@ def train_or_reuse_generator(ctx: PipelineContext, gen_dir: Path, signature: dic
         if init is not None and not last.is_file():
             log.info(f"generator: encoder initialised from {init}")
             model.load_encoder_weights(init)
-        log_hyperparameters(trainer, cfg, model, dm)
-        if dm.split.val_is_test:
-            log.warning("generator: no validation split (dataset.val_fraction=0): checkpoint selection by val/R@1 "
-                        "sees the test set")
-        resume = resume_checkpoint(gen_dir)
-        if resume:
-            log.info(f"generator: resuming the interrupted stage from {resume}")
-        fit_or_exit(trainer, f"{this_command()}   (the generator stage resumes from {gen_dir})", model,
-                    datamodule=dm, ckpt_path=resume, weights_only=True)
+        selected, _ = fit_stage(trainer, cfg, "generator", model, dm, gen_dir)
         metrics.update(logged_metrics(trainer, "val/", "train/"))
-        selected, _ = select_checkpoint(trainer, last)
         best = str(selected or last)
         if trainer.is_global_zero:
             write_text_atomically(done, json.dumps({"checkpoint": best, "metrics": metrics}, indent=2, sort_keys=True))

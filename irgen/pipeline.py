@@ -1,6 +1,7 @@
 """IRGen as a pipeline of stages sharing one artifact folder: `python train.py experiment=<x>_irgen`.
 
-``method: irgen`` (conf/method/irgen.yaml) makes this IRGen's train function. Stages run in `STAGE_ORDER`;
+``method: irgen`` (conf/method/irgen.yaml) selects `IRGEN` (registered in `irlab.methods`): training is this
+pipeline, evaluation and loading a generator checkpoint are `irgen.generator_checkpoint`. Stages run in `STAGE_ORDER`;
 ``irgen.stage`` picks one (``tokenizer`` | ``generator``) or ``all``. Every stage writes into
 ``irgen.artifact_dir`` (shared across runs, keyed by dataset, protocol and seed), so that:
 
@@ -20,17 +21,16 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from datamodules.base import RetrievalDataModule
 from datamodules.paths import expand_path
+from irgen.generator_checkpoint import evaluate_generator, load_trained_generator
 from irgen.generator_stage import clear_generator_outputs, generator_stage
 from irgen.stage_context import PipelineContext
 from irgen.tokenizer_stage import clear_tokenizer_outputs, tokenizer_stage
-from irlab.builders import build_datamodule
-from irlab.provenance import run_provenance
-from irlab.reporting import print_metrics, write_metrics
+from irlab.method import Method, RunReport
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +42,13 @@ CLEARERS: dict[str, Callable[[Path], None]] = {"tokenizer": clear_tokenizer_outp
                                                 "generator": clear_generator_outputs}
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    """Run ``irgen.stage`` (or every stage in order for ``all``); write and print the metrics."""
+def train_pipeline(cfg: DictConfig, datamodule: RetrievalDataModule) -> RunReport:
+    """Run ``irgen.stage`` (or every stage in order for ``all``)."""
     from irgen.generator import RANKING_ROWS
 
     stage = cfg.irgen.stage
     if stage != "all" and stage not in STAGE_ORDER:
         raise ValueError(f"irgen.stage must be 'all' or one of {STAGE_ORDER}, got {stage!r}")
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
     artifact_dir = expand_path(cfg.irgen.artifact_dir)
     if cfg.get("debug_run"):  # a smoke test never leaves an artifact that a real run would meet
         artifact_dir = artifact_dir.with_name(artifact_dir.name + "_debug")
@@ -64,10 +62,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     for name in selected:
         log.info(f"IRGen stage: {name}")
         ctx.metrics.update(STAGES[name](ctx))
-    if rank_zero_only.rank == 0:
-        data = {**datamodule.describe(), "artifact_dir": str(ctx.artifact_dir)}
-        rows = RANKING_ROWS if "generator" in selected else None
-        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", ctx.metrics, data, rows,
-                      provenance=run_provenance(cfg, datamodule))
-        print_metrics(ctx.metrics, title=f"IRGen ({stage}): {datamodule.name} / {datamodule.protocol}", row_names=rows)
-    return ctx.metrics
+    return RunReport(ctx.metrics, f"IRGen ({stage})", {"artifact_dir": str(ctx.artifact_dir)},
+                     RANKING_ROWS if "generator" in selected else None)
+
+
+IRGEN = Method("irgen", train=train_pipeline, evaluate=evaluate_generator, load=load_trained_generator)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from datamodules.base import RetrievalDataModule
 from irgen.artifact import IdentifierArtifact, load_artifact
 from irgen.signatures import artifact_expectation
+from irlab.run_config import current_run_overrides, this_command
 
 ARTIFACT_NAME = "identifiers.pt"
 
@@ -33,15 +33,12 @@ class PipelineContext:
         """The validated artifact of this run (what the generator stage starts from)."""
         if self.artifact is None:
             self.artifact = load_artifact(self.artifact_path, expected=artifact_expectation(self.cfg, self.datamodule),
-                                          rebuild_hint=rebuild_command(self.cfg, "tokenizer"))
+                                          rebuild_hint=rebuild_command("tokenizer"))
         return self.artifact
 
 
-def rebuild_command(cfg: DictConfig, stage: str) -> str:
-    """The command line that rebuilds `stage`'s outputs for this run."""
-    try:
-        experiment = hydra.core.hydra_config.HydraConfig.get().runtime.choices.get("experiment")
-    except ValueError:  # no Hydra context (direct API use)
-        experiment = None
-    return (f"python train.py experiment={experiment or '<your irgen experiment>'} irgen.stage={stage} "
-            f"irgen.rebuild=true (plus this run's other overrides)")
+def rebuild_command(stage: str) -> str:
+    """The command line that rebuilds `stage`'s outputs for this run (outside a Hydra run: a template)."""
+    if not current_run_overrides():
+        return f"python train.py experiment=<your irgen experiment> irgen.stage={stage} irgen.rebuild=true"
+    return this_command(f"irgen.stage={stage}", "irgen.rebuild=true", drop=("irgen.stage=", "irgen.rebuild="))

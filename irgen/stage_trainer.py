@@ -1,8 +1,10 @@
 """The trainer of one IRGen stage and the stage folder's checkpoints: which settings the stage trains with,
-where its checkpoints go, what it resumes from and which checkpoint it hands on."""
+where its checkpoints go, what it resumes from and which checkpoint it hands on (`fit_stage`: the fit both
+stages share)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -11,8 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from callbacks.full_state_checkpoint import FullStateCheckpoint
 from callbacks.learning_curve import LearningCurve
-from irlab.builders import build_callbacks, build_trainer
+from irlab.builders import build_callbacks, build_trainer, log_hyperparameters
 from irlab.checkpoints import read_checkpoint
+from irlab.fitting import fit_or_exit
+from irlab.run_config import this_command
+
+log = logging.getLogger("irgen.pipeline")  # one logger for every stage of the pipeline
 
 # a stage folder's full training state (what an interrupted stage resumes from) and its crash/SIGTERM twin
 LAST_CHECKPOINT, ON_EXCEPTION_CHECKPOINT = "last.ckpt", "on_exception.ckpt"
@@ -76,3 +82,16 @@ def load_weights(model: L.LightningModule, path: Path | None) -> None:
     """Load a Lightning checkpoint's weights (buffers included: codebooks, identifiers) safely into `model`."""
     if path is not None:
         model.load_state_dict(read_checkpoint(path)["state_dict"])
+
+
+def fit_stage(trainer: L.Trainer, cfg: DictConfig, stage: str, model: L.LightningModule, datamodule,
+              stage_dir: Path) -> tuple[Path | None, str]:
+    """Log the stage's hyper-parameters, fit it (resuming an interrupted fit of the stage folder; a SIGTERM
+    exits with the command that resumes) and return the checkpoint selected to hand on (`select_checkpoint`)."""
+    log_hyperparameters(trainer, cfg, model, datamodule)
+    resume = resume_checkpoint(stage_dir)
+    if resume:
+        log.info(f"{stage}: resuming the interrupted stage from {resume}")
+    fit_or_exit(trainer, f"{this_command()}   (the {stage} stage resumes from {stage_dir})", model,
+                datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    return select_checkpoint(trainer, stage_dir / LAST_CHECKPOINT)

@@ -18,11 +18,10 @@ from irgen.identifier_stats import identifier_stats, quantized_retrieval
 from irgen.kmeans import effective_num_codes
 from irgen.signatures import artifact_expectation, claim_stage_folder
 from irgen.stage_context import ARTIFACT_NAME, PipelineContext, rebuild_command
-from irgen.stage_trainer import LAST_CHECKPOINT, build_stage_trainer, load_weights, resume_checkpoint, select_checkpoint
-from irlab.builders import build_model, log_hyperparameters, logged_metrics
+from irgen.stage_trainer import LAST_CHECKPOINT, build_stage_trainer, fit_stage, load_weights
+from irlab.builders import build_model, logged_metrics
 from irlab.folder_lock import folder_lock
 from irlab.reporting import write_metrics
-from irlab.train import fit_or_exit, this_command
 
 log = logging.getLogger("irgen.pipeline")  # one logger for every stage of the pipeline
 STATS_NAME = "identifier_stats.json"
@@ -43,7 +42,7 @@ def tokenizer_stage(ctx: PipelineContext) -> dict[str, float]:
 def build_or_reuse_tokenizer(ctx: PipelineContext) -> dict[str, float]:
     cfg, dm = ctx.cfg, ctx.datamodule
     expected = artifact_expectation(cfg, dm)
-    hint = rebuild_command(cfg, "tokenizer")
+    hint = rebuild_command("tokenizer")
     if ctx.artifact_path.exists():
         ctx.artifact = load_artifact(ctx.artifact_path, expected=expected, rebuild_hint=hint)
         log.info(f"tokenizer: reusing identifier artifact {ctx.artifact_path} (irgen.rebuild=true to rebuild)")
@@ -59,15 +58,8 @@ def build_or_reuse_tokenizer(ctx: PipelineContext) -> dict[str, float]:
     claim_stage_folder(tok_dir, expected, (LAST_CHECKPOINT,), "an interrupted tokenizer run (it cannot be resumed)",
                        hint)
     trainer = build_stage_trainer(cfg, "tokenizer", tok_dir)
-    log_hyperparameters(trainer, cfg, model, dm)
-    resume = resume_checkpoint(tok_dir)
-    if resume:
-        log.info(f"tokenizer: resuming the interrupted stage from {resume}")
-    fit_or_exit(trainer, f"{this_command()}   (the tokenizer stage resumes from {tok_dir})", model, datamodule=dm,
-                ckpt_path=resume, weights_only=True)
+    selected, selection = fit_stage(trainer, cfg, "tokenizer", model, dm, tok_dir)
     metrics = logged_metrics(trainer, "val/")
-
-    selected, selection = select_checkpoint(trainer, tok_dir / LAST_CHECKPOINT)
     log.info(f"tokenizer: encoding identifiers with the {selection} checkpoint ({selected})")
     load_weights(model, selected)
     ctx.artifact, stats = encode_artifact(model, dm, trainer, meta={

@@ -1,7 +1,7 @@
 """Everything a run builds from its config, in one place for every method and stage: the datamodule, the
 model, callbacks, loggers and the trainer (with the Hydra-aware DDP launch), and the hyper-parameters sent to
-the loggers. `irlab.train` (the single-stage method and the dispatcher), IRGen's stages and the query path
-all build through these."""
+the loggers. The runner (`irlab.runner`), the single-stage method, IRGen's stages and the query path all build
+through these."""
 
 from __future__ import annotations
 

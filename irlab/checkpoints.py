@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from datamodules.errors import MissingFileError, UserInputError
+from datamodules.paths import expand_path
 
 MODEL_KEY = "irlab_model"
 
@@ -86,3 +87,25 @@ def read_checkpoint(path: str | Path, expected_class: str | None = None, hint: s
         raise CheckpointError(f"{path} was written by {found}, not by {expected_class}: evaluate it with the "
                               f"experiment that trained it (its run folder's .hydra/config.yaml).{tail}")
     return state
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str | Path) -> str | None:
+    """``last`` / ``on_exception`` name this run folder's checkpoints; anything else must be an existing file.
+
+    ``last`` (end of the last finished epoch) resumes exactly: same final metrics as an uninterrupted run.
+    ``on_exception`` (written on SIGTERM or a crash, mid-epoch) loses less work but replays part of an epoch.
+    """
+    if ckpt_path in (None, ""):
+        return None
+    if ckpt_path in ("last", "on_exception"):
+        candidate = Path(output_dir) / "checkpoints" / f"{ckpt_path}.ckpt"
+        if not candidate.is_file():
+            raise MissingFileError(
+                f"ckpt_path={ckpt_path} but {candidate} does not exist. To resume, run again in the same folder "
+                f"(hydra.run.dir=<old run folder>) or pass ckpt_path=/path/to/{ckpt_path}.ckpt"
+            )
+        return str(candidate)
+    path = expand_path(ckpt_path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint not found: {path}")
+    return str(path)

@@ -28,7 +28,7 @@ _CLOCK: dict[str, float] = {}
 
 
 def start_clock() -> None:
-    """Mark the start of this run (`irlab.train.run` calls it); `wall_seconds` counts from here."""
+    """Mark the start of this run (`irlab.runner.run` calls it); `wall_seconds` counts from here."""
     _CLOCK["start"] = time.perf_counter()
 
 

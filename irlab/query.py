@@ -1,6 +1,6 @@
 """`python eval.py ckpt_path=<checkpoint> query=<image | folder | dataset record>`: the top-K of any query.
 
-Works for every method's checkpoint: the method's ``load`` function (conf/method/) rebuilds the model, and the
+Works for every method's checkpoint: the method's ``load`` function (`irlab.methods`) rebuilds the model, and the
 model ranks through its own `index_gallery` / `search` (embedding models: cosine kNN; the IRGen generator:
 beam search constrained to the gallery's identifiers). The gallery is the checkpoint's dataset's test gallery,
 or ``gallery=<folder>`` (any images; embedding models only: IRGen identifiers exist for dataset images only).
@@ -19,7 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -29,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from datamodules.base import RetrievalDataModule, open_rgb
 from datamodules.errors import MissingFileError
 from datamodules.paths import expand_path
-from irlab.builders import build_datamodule
+from irlab.method import ModelLoader
 from irlab.retrieval import plot_retrieval_grid
 
 log = logging.getLogger(__name__)
@@ -160,10 +159,9 @@ def report(hits: list[Hits], gallery: Gallery, score_name: str, folder: Path) ->
     return {f"query/P@{len(hits[0].rows)}": float(np.mean([c.mean() for c in judged]))} if judged else {}
 
 
-def query_checkpoint(cfg: DictConfig) -> dict[str, float]:
+def query_checkpoint(cfg: DictConfig, datamodule: RetrievalDataModule, load: ModelLoader) -> dict[str, float]:
     """`eval.py query=...`: load ``ckpt_path`` with the method's loader and retrieve for every query image."""
-    datamodule = build_datamodule(cfg)
-    model, _ = hydra.utils.get_method(cfg.method.load)(cfg, datamodule)
+    model, _ = load(cfg, datamodule)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     gallery = folder_gallery(expand_path(cfg.gallery), datamodule) if cfg.get("gallery") else \
         dataset_gallery(datamodule)

@@ -18,18 +18,38 @@ RUN_OVERRIDES = "run_overrides.yaml"
 DROPPED = ("hydra.", "ckpt_path=", "irgen.stage=", "irgen.rebuild=", "+hydra")
 
 
-def current_run_overrides() -> list[str]:
-    """This Hydra run's experiment choice and command-line overrides ([] outside a Hydra run)."""
+def _hydra_config():
+    """This process's Hydra run config, or None outside a Hydra run (direct API use)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        hc = HydraConfig.get()
+        return HydraConfig.get()
     except (ImportError, ValueError):
+        return None
+
+
+def current_run_overrides() -> list[str]:
+    """This Hydra run's experiment choice and command-line overrides ([] outside a Hydra run)."""
+    hc = _hydra_config()
+    if hc is None:
         return []
     task = list(hc.overrides.task)
     experiment = hc.runtime.choices.get("experiment")
     chosen = [f"experiment={experiment}"] if experiment and not any(o.startswith("experiment=") for o in task) else []
     return chosen + task
+
+
+# a command that reruns this run must not carry its checkpoint or its run folders
+NOT_REPEATED = ("ckpt_path=", "hydra.run.dir=", "hydra.sweep.")
+
+
+def this_command(*extra: str, drop: tuple[str, ...] = ()) -> str:
+    """The command line of this run: its script, experiment and overrides, minus `NOT_REPEATED` and overrides
+    starting with one of `drop`, followed by `extra` (the resume and rebuild hints of every method)."""
+    hc = _hydra_config()
+    script = "eval.py" if hc is not None and hc.job.config_name == "eval" else "train.py"
+    kept = [o for o in current_run_overrides() if not o.startswith(NOT_REPEATED + tuple(drop))]
+    return " ".join(["python", script, *kept, *extra])
 
 
 def write_run_overrides(folder: Path) -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from irlab.train import run
+from irlab.runner import run
 from tests.helpers import compose_config
 
 TINY = ["trainer.accelerator=cpu", "trainer.max_epochs=1", "trainer.limit_train_batches=2",

@@ -15,7 +15,7 @@ import torch
 from datamodules.digits import DigitsDataModule
 from irlab.baseline import EmbeddingBaseline
 from irlab.distributed import child_command, ddp_env_snapshot, end_ddp_job
-from irlab.train import run
+from irlab.runner import run
 from tests.helpers import REPO, compose_config
 
 EVAL = ["dataset=digits", "model.arch=resnet18", "protocol=closed_set", "model.embedding_dim=32",

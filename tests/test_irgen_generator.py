@@ -15,11 +15,10 @@ from sklearn.cluster import KMeans
 
 from datamodules.digits import DigitsDataModule, load_digit_pixels
 from irgen.generator import IRGenGenerator, draw_same_class
-from irgen.pipeline import run
 from irgen.trie import IdentifierTrie
 from irlab.checkpoints import CheckpointError
 from irlab.optim import preset
-from irlab.train import run as run_app
+from irlab.runner import run as run_app
 from tests.helpers import compose_config
 
 DEPTH, K = 3, 8
@@ -161,7 +160,7 @@ PIPELINE_FAST = [
 
 
 def test_pipeline_generator_stage_trains_reuses_and_refuses_stale_outputs(tmp_path, caplog):
-    metrics = run(compose_config(PIPELINE_FAST, output_dir=tmp_path / "a"))
+    metrics = run_app(compose_config(PIPELINE_FAST, output_dir=tmp_path / "a"))
     for key in ("test/R@1", "test/knn/R@1", "test/P@8_irgen", "val/R@1", "tokenizer/val/R@1"):
         assert 0 <= metrics[key] <= 1, key
     # validation_rows=generative: validation during training ranks by beam search only (gallery not encoded)
@@ -196,7 +195,7 @@ def test_pipeline_generator_stage_trains_reuses_and_refuses_stale_outputs(tmp_pa
     cfg = compose_config(PIPELINE_FAST + ["irgen.stage=generator", "irgen.generator.beam_size=2"],
                          output_dir=tmp_path / "b")
     cfg.paths.log_dir = str(tmp_path / "a" / "logs")
-    again = run(cfg)
+    again = run_app(cfg)
     assert "reusing the trained generator" in caplog.text
     assert "train/loss" not in again and 0 <= again["test/R@1"] <= 1
 
@@ -204,7 +203,7 @@ def test_pipeline_generator_stage_trains_reuses_and_refuses_stale_outputs(tmp_pa
     cfg = compose_config(PIPELINE_FAST + ["irgen.stage=generator", "irgen.generator.layers=2"],
                          output_dir=tmp_path / "c")
     cfg.paths.log_dir = str(tmp_path / "a" / "logs")
-    assert "train/loss" in run(cfg)
+    assert "train/loss" in run_app(cfg)
     assert len(list(gen_dir.parent.glob("generator-*"))) == 2 and (gen_dir / "done.json").is_file()
 
 
@@ -221,7 +220,7 @@ def test_pipeline_runs_every_stage_on_fake_benchmarks(experiment, protocol, fake
         # the fake In-shop has 2 training items: too few to hold validation items out of
         *(["dataset.val_fraction=0"] if protocol == "zero_shot" else []),
     ], output_dir=tmp_path)
-    metrics = run(cfg)
+    metrics = run_app(cfg)
     k = max(cfg.irgen.generator.eval_ks)
     for key in ("test/R@1", f"test/R@{k}", f"test/P@{k}_irgen", "test/knn/R@1", "val/R@1"):
         assert 0 <= metrics[key] <= 1, key

@@ -12,7 +12,7 @@ from PIL import Image
 
 from irlab.builders import build_datamodule, build_model
 from irlab.checkpoints import MODEL_KEY, model_class_name
-from irlab.train import run
+from irlab.runner import run
 from tests.helpers import compose_config
 
 EXPERIMENTS = ("digits_baseline", "digits_areir", "digits_irgen")

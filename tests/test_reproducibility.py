@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from irlab.train import run
+from irlab.runner import run
 from tests.helpers import compose_config
 
 SMALL = ["trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=4",

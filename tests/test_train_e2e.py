@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from irlab.train import resolve_ckpt_path, run
+from irlab.checkpoints import resolve_ckpt_path
+from irlab.runner import run
 from tests.helpers import REPO, compose_config
 
 FAST = ["debug=fast", "trainer.accelerator=cpu", "model.arch=resnet18", "dataset.batch_size=16"]

@@ -7,8 +7,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import open_dict, read_write
 
+from irlab.runner import run
 from irlab.sweep import wandb_logger
-from irlab.train import run
 from tests.helpers import compose_config
 from tests.scripts.wandb_records import finished_run_log, records
 

@@ -18,7 +18,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from irlab.module import RetrievalModule  # noqa: E402
-from irlab.train import run  # noqa: E402
+from irlab.runner import run  # noqa: E402
 
 searched: list[int] = []  # number of embeddings handed to rank_gallery, one entry per call on this rank
 _rank_gallery = RetrievalModule.rank_gallery

@@ -13,14 +13,12 @@ import inspect
 import logging
 from pathlib import Path
 
-import lightning as L
 from omegaconf import DictConfig
 
 from irgen.generator import RANKING_ROWS, IRGenGenerator
 from irgen.signatures import GENERATOR_EVAL_KEYS
-from irlab.builders import build_datamodule
-from irlab.checkpoints import CheckpointError, model_class_name, read_checkpoint
-from irlab.train import evaluate_model, resolve_ckpt_path
+from irlab.checkpoints import CheckpointError, model_class_name, read_checkpoint, resolve_ckpt_path
+from irlab.method import RunReport, evaluate_model
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +62,7 @@ def load_trained_generator(cfg: DictConfig, datamodule) -> tuple[IRGenGenerator,
     return model, ckpt
 
 
-def evaluate_generator(cfg: DictConfig) -> dict[str, float]:
-    """Evaluate the generator checkpoint ``ckpt_path`` on ``split`` (test by default); write and print metrics."""
-    L.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg)
+def evaluate_generator(cfg: DictConfig, datamodule) -> RunReport:
+    """Evaluate the generator checkpoint ``ckpt_path`` on ``split`` (test by default)."""
     model, ckpt = load_trained_generator(cfg, datamodule)
     return evaluate_model(cfg, model, datamodule, ckpt, RANKING_ROWS)
