@@ -22,6 +22,8 @@ exactly like a torchvision ResNet.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -41,22 +43,29 @@ def build_template(arch: str, pretrained: bool | str = False) -> nn.Module:
     return build_torchvision(arch, pretrained)
 
 
+@dataclass(frozen=True)
+class AREIRNetConfig:
+    """The network's settings; these defaults are the only ones (`AREIRModule` takes each with this default)."""
+
+    arch: str = "resnet18"
+    members: int = 48
+    meta_classes: int = 12
+    with_se: bool = True
+    pretrained: bool | str = False
+    member_impl: str = "auto"
+    random_weighting: bool = False
+    checkpoint_members: bool = False
+    pool_grid: int = 1
+
+
 class AREIRNet(nn.Module):
     """Shared stem + E members. `forward(images) -> raw logits [B, E, M]`."""
 
-    def __init__(
-        self,
-        arch: str = "resnet18",
-        members: int = 48,
-        meta_classes: int = 12,
-        with_se: bool = True,
-        pretrained: bool | str = False,
-        member_impl: str = "auto",
-        random_weighting: bool = False,
-        checkpoint_members: bool = False,
-        pool_grid: int = 1,
-    ) -> None:
+    def __init__(self, config: AREIRNetConfig) -> None:
         super().__init__()
+        arch, members, meta_classes, with_se = config.arch, config.members, config.meta_classes, config.with_se
+        pretrained, member_impl, random_weighting = config.pretrained, config.member_impl, config.random_weighting
+        checkpoint_members, pool_grid = config.checkpoint_members, config.pool_grid
         if member_impl not in (*MEMBER_IMPLS, "auto"):
             raise ValueError(f"model.member_impl must be one of {(*MEMBER_IMPLS, 'auto')}, got {member_impl!r}")
         if members < 1 or meta_classes < 1:

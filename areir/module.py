@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from areir.meta_classes import build_assignment, count_collisions, is_balanced
-from areir.model import AREIRNet, count_parameters
+from areir.model import AREIRNet, AREIRNetConfig, count_parameters
 from irlab.module import RetrievalModule
 from irlab.optim import module_optimization
 from irlab.plain import to_plain
@@ -30,17 +30,17 @@ class AREIRModule(RetrievalModule):
     def __init__(
         self,
         num_classes: int,
-        arch: str = "resnet18",
-        with_se: bool = True,
-        pretrained: bool | str = False,
-        members: int = 48,
-        meta_classes: int = 12,
+        arch: str = AREIRNetConfig.arch,
+        with_se: bool = AREIRNetConfig.with_se,
+        pretrained: bool | str = AREIRNetConfig.pretrained,
+        members: int = AREIRNetConfig.members,
+        meta_classes: int = AREIRNetConfig.meta_classes,
         assignment: str = "random",
         assignment_seed: int = 0,
-        member_impl: str = "auto",
-        random_weighting: bool = False,
-        checkpoint_members: bool = False,
-        pool_grid: int = 1,
+        member_impl: str = AREIRNetConfig.member_impl,
+        random_weighting: bool = AREIRNetConfig.random_weighting,
+        checkpoint_members: bool = AREIRNetConfig.checkpoint_members,
+        pool_grid: int = AREIRNetConfig.pool_grid,
         channels_last: bool = False,
         optimizer: Mapping | None = None,
         scheduler: Mapping | None = None,
@@ -56,8 +56,8 @@ class AREIRModule(RetrievalModule):
         labels = build_assignment(assignment, num_classes, meta_classes, members, assignment_seed)
         self.register_buffer("meta_labels", torch.as_tensor(labels, dtype=torch.long))
         self._register_load_state_dict_pre_hook(self._check_loaded_assignment)
-        self.net = AREIRNet(arch, members, meta_classes, with_se, pretrained, member_impl, random_weighting,
-                            checkpoint_members, pool_grid)
+        self.net = AREIRNet(AREIRNetConfig(arch, members, meta_classes, with_se, pretrained, member_impl,
+                                           random_weighting, checkpoint_members, pool_grid))
         self.log_assignment("seeded")
         log.info(f"AREIR {arch}{'+SE' if with_se else ''} E={members} M={meta_classes} impl={member_impl}: "
                  f"{count_parameters(self.net):,} parameters")

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from areir.model import MEMBER_IMPLS, AREIRNet  # noqa: E402
+from areir.model import MEMBER_IMPLS, AREIRNet, AREIRNetConfig  # noqa: E402
 from irlab.memory import saved_activation_bytes  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = AREIRNet(args.arch, args.members, args.meta_classes, not args.no_se).to(device).train()
+    model = AREIRNet(AREIRNetConfig(args.arch, args.members, args.meta_classes, not args.no_se)).to(device).train()
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
-from areir.model import AREIRNet  # noqa: E402
+from areir.model import AREIRNet, AREIRNetConfig  # noqa: E402
 from irlab.memory import (  # noqa: E402
     AUTOCAST_COPY_BYTES_PER_PARAM,
     STATE_BYTES_PER_PARAM,
@@ -40,7 +40,7 @@ GiB = 2**30
 
 def areir_saved(arch: str, members: int, size: int, batch: int, checkpoint: bool) -> int:
     torch.manual_seed(0)
-    model = AREIRNet(arch, members, 12, True, False, "loop", checkpoint_members=checkpoint).train()
+    model = AREIRNet(AREIRNetConfig(arch, members, 12, True, False, "loop", checkpoint_members=checkpoint)).train()
     images = torch.randn(batch, 3, size, size)
     return saved_activation_bytes(lambda: model(images), model, bf16=True)
 
@@ -113,7 +113,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     notes = []
     for arch in archs:
-        params = parameter_count(lambda a=arch: AREIRNet(a, members, 12, True, False, "loop"))[0]
+        params = parameter_count(lambda a=arch: AREIRNet(AREIRNetConfig(a, members, 12, True, False, "loop")))[0]
         kept, member, note = areir_activations(arch, members, size, batch, False, probe)
         notes.append(f"AREIR {arch}: saved activations grew {note}")
         name = f"AREIR {arch}+SE E={members} M=12, {size} px, batch {batch}"

@@ -9,6 +9,7 @@ Pretrained weights only ever come from torchvision (explicit ``pretrained=true``
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ VIT_SPECS = {
 
 
 class ViTEncoder(ImageEncoder):
-    def __init__(self, arch: str = "vit_tiny", image_size: int = 224, pretrained: bool | str = False) -> None:
+    def __init__(self, arch: str, image_size: int, pretrained: bool | str) -> None:
         super().__init__()
         if arch not in VIT_SPECS:
             raise ValueError(f"unknown ViT {arch!r}; choose one of {sorted(VIT_SPECS)}")
@@ -84,7 +85,7 @@ def load_vit_weights(vit: VisionTransformer, path: str) -> None:
 class ResNetEncoder(ImageEncoder):
     """ResNet feature map as tokens: [global mean token, cell tokens...]."""
 
-    def __init__(self, arch: str = "resnet18", pretrained: bool | str = False) -> None:
+    def __init__(self, arch: str, pretrained: bool | str) -> None:
         super().__init__()
         if arch not in RESNETS:
             raise ValueError(f"unknown ResNet {arch!r}; choose one of {RESNETS}")
@@ -104,7 +105,7 @@ class SmallCNNEncoder(ImageEncoder):
     `small_cnn_trunk`); the global token is exactly the baseline's embedding, so the methods share a trunk.
     """
 
-    def __init__(self, image_size: int = 32, pretrained: bool | str = False) -> None:
+    def __init__(self, image_size: int, pretrained: bool | str) -> None:
         super().__init__()
         if pretrained:
             raise ValueError(f"cnn_small has no pretrained weights: set {PRETRAINED_KEY}=false")
@@ -120,20 +121,22 @@ class SmallCNNEncoder(ImageEncoder):
 
 
 CLIP_OUTPUTS = ("projected", "transformer")
-ENCODER_DEFAULTS = {"arch": "vit_b_16", "image_size": 224, "pretrained": False, "clip_output": "projected"}
 
 
 def build_encoder_from_config(encoder: dict) -> ImageEncoder:
-    """The encoder of an ``irgen.tokenizer.encoder`` mapping (keys of `ENCODER_DEFAULTS`; unknown keys fail)."""
-    unknown = set(encoder) - set(ENCODER_DEFAULTS)
+    """The encoder of an ``irgen.tokenizer.encoder`` mapping (`build_encoder`'s arguments; unknown keys fail)."""
+    known = inspect.signature(build_encoder).parameters
+    unknown = set(encoder) - set(known)
     if unknown:
-        raise ValueError(f"encoder settings take {sorted(ENCODER_DEFAULTS)}, got unknown {sorted(unknown)}")
-    return build_encoder(**{**ENCODER_DEFAULTS, **encoder})
+        raise ValueError(f"encoder settings take {sorted(known)}, got unknown {sorted(unknown)}")
+    return build_encoder(**encoder)
 
 
 def build_encoder(arch: str = "vit_b_16", image_size: int = 224, pretrained: bool | str = False,
                   clip_output: str = "projected") -> ImageEncoder:
-    """``clip_output`` (CLIP only): ``projected`` tokens (after CLIP's ``ln_post`` and ``proj``, its embedding
+    """The encoder `arch` (its defaults here are the only ones: the classes above take every argument).
+
+    ``clip_output`` (CLIP only): ``projected`` tokens (after CLIP's ``ln_post`` and ``proj``, its embedding
     space) or ``transformer`` tokens (the last block's output, as the IRGen reference uses them)."""
     if clip_output not in CLIP_OUTPUTS:
         raise ValueError(f"clip_output must be one of {CLIP_OUTPUTS}, got {clip_output!r}")

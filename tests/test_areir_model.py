@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from areir.model import AREIRNet, count_parameters
+from areir.model import AREIRNet, AREIRNetConfig, count_parameters
 
 # The reference's published table (CARS196/CUB200: E=48, M=12).
 PUBLISHED = {
@@ -24,7 +24,7 @@ PUBLISHED = {
 @pytest.mark.parametrize("arch,with_se", list(PUBLISHED))
 def test_parameter_count_matches_published_table(arch: str, with_se: bool) -> None:
     with torch.device("meta"):
-        net = AREIRNet(arch, members=48, meta_classes=12, with_se=with_se)
+        net = AREIRNet(AREIRNetConfig(arch, members=48, meta_classes=12, with_se=with_se))
     n = count_parameters(net)
     print(f"{'se-' if with_se else ''}{arch}: {n:,}")
     assert n == PUBLISHED[arch, with_se]
@@ -32,7 +32,8 @@ def test_parameter_count_matches_published_table(arch: str, with_se: bool) -> No
 
 def test_stem_is_shared_and_members_are_independent() -> None:
     with torch.device("meta"):
-        one, two = AREIRNet("resnet18", 1, 12, False), AREIRNet("resnet18", 2, 12, False)
+        one = AREIRNet(AREIRNetConfig("resnet18", 1, 12, False))
+        two = AREIRNet(AREIRNetConfig("resnet18", 2, 12, False))
     stem = count_parameters(one.stem)
     assert stem == 157_504 == count_parameters(two.stem)
     assert count_parameters(two) - stem == 2 * (count_parameters(one) - stem)
@@ -60,8 +61,8 @@ def test_batched_formulations_equal_the_loop(arch: str, with_se: bool, random_we
     ~1e-15; in float32, train-mode BatchNorm over a few images at 1x1 resolution amplifies summation-order noise)."""
     torch.manual_seed(0)
     e, m = 2, 4
-    net = AREIRNet(arch, e, m, with_se, random_weighting=random_weighting, member_impl="loop",
-                   pool_grid=pool_grid).double().train()
+    net = AREIRNet(AREIRNetConfig(arch, e, m, with_se, random_weighting=random_weighting, member_impl="loop",
+                   pool_grid=pool_grid)).double().train()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     images = torch.randn(3, 3, 16, 16, dtype=torch.float64)  # small: float64 convolutions are slow on CPU
     targets = torch.randint(0, m, (3, e))
@@ -90,7 +91,7 @@ def test_batched_formulations_equal_the_loop(arch: str, with_se: bool, random_we
 def test_grouped_equals_loop_in_float32() -> None:
     """The production dtype: agreement at float32 rounding level (64 px so BatchNorm sees 2x2 maps in layer4)."""
     torch.manual_seed(0)
-    net = AREIRNet("resnet18", 2, 4, True, member_impl="loop").train()
+    net = AREIRNet(AREIRNetConfig("resnet18", 2, 4, True, member_impl="loop")).train()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     images, targets = torch.randn(4, 3, 64, 64), torch.randint(0, 4, (4, 2))
     ref_logits, ref_grads, _ = run_step(net, images, targets)
@@ -104,7 +105,7 @@ def test_grouped_equals_loop_in_float32() -> None:
 
 def test_members_differ_after_init() -> None:
     torch.manual_seed(0)
-    net = AREIRNet("resnet18", 3, 4, False).eval()
+    net = AREIRNet(AREIRNetConfig("resnet18", 3, 4, False)).eval()
     logits = net(torch.randn(2, 3, 32, 32))
     assert not torch.allclose(logits[:, 0], logits[:, 1])
 
@@ -113,7 +114,7 @@ def test_members_differ_after_init() -> None:
 def test_activation_checkpointing_is_exact(impl: str) -> None:
     """Same gradients, and BatchNorm running stats updated once (not again during recomputation)."""
     torch.manual_seed(0)
-    net = AREIRNet("resnet18", 2, 3, True, member_impl=impl).train()
+    net = AREIRNet(AREIRNetConfig("resnet18", 2, 3, True, member_impl=impl)).train()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     images, targets = torch.randn(3, 3, 16, 16), torch.randint(0, 3, (3, 2))
     ref_logits, ref_grads, ref_buffers = run_step(net, images, targets)
@@ -129,7 +130,7 @@ def test_activation_checkpointing_is_exact(impl: str) -> None:
 
 def test_evaluation_is_deterministic_with_random_weighting() -> None:
     torch.manual_seed(0)
-    net = AREIRNet("resnet18", 3, 4, True, random_weighting=True)
+    net = AREIRNet(AREIRNetConfig("resnet18", 3, 4, True, random_weighting=True))
     images = torch.randn(4, 3, 32, 32)
     net.train()
     first_train = net(images).detach()
@@ -144,20 +145,21 @@ def test_evaluation_is_deterministic_with_random_weighting() -> None:
 
 def test_bad_options_raise() -> None:
     with pytest.raises(ValueError, match="member_impl"):
-        AREIRNet("resnet18", 2, 2, member_impl="threads")
+        AREIRNet(AREIRNetConfig("resnet18", 2, 2, member_impl="threads"))
     with pytest.raises(ValueError, match="arch"):
-        AREIRNet("vgg16", 2, 2)
+        AREIRNet(AREIRNetConfig("vgg16", 2, 2))
     with pytest.raises(ValueError, match="checkpoint_members"):
-        AREIRNet("resnet18", 2, 2, member_impl="vmap", checkpoint_members=True)
+        AREIRNet(AREIRNetConfig("resnet18", 2, 2, member_impl="vmap", checkpoint_members=True))
 
 
 def test_sync_batchnorm_conversion_covers_stem_and_members() -> None:
     """What Lightning does for trainer.sync_batchnorm=true: every BatchNorm becomes a SyncBatchNorm and the grouped
     forward is unchanged (outside a process group SyncBatchNorm computes plain batch statistics)."""
     torch.manual_seed(0)
-    net = AREIRNet("resnet18", 2, 3, True, member_impl="grouped").train()
+    net = AREIRNet(AREIRNetConfig("resnet18", 2, 3, True, member_impl="grouped")).train()
     images = torch.randn(2, 3, 32, 32)
-    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(AREIRNet("resnet18", 2, 3, True, member_impl="grouped"))
+    synced = AREIRNet(AREIRNetConfig("resnet18", 2, 3, True, member_impl="grouped"))
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(synced)
     synced.train()
     synced.load_state_dict(net.state_dict())
     bns = [m for m in synced.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
@@ -168,7 +170,7 @@ def test_sync_batchnorm_conversion_covers_stem_and_members() -> None:
 
 def test_auto_formulation_is_grouped_on_gpu_and_loop_on_cpu() -> None:
     with torch.device("meta"):
-        net = AREIRNet("resnet18", 2, 2)
+        net = AREIRNet(AREIRNetConfig("resnet18", 2, 2))
     assert net.member_impl == "auto"
     assert net.resolved_impl(torch.device("cuda")) == "grouped" and net.resolved_impl(torch.device("cpu")) == "loop"
 
@@ -177,7 +179,7 @@ def test_auto_formulation_is_grouped_on_gpu_and_loop_on_cpu() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_grouped_equals_loop_on_gpu_bf16() -> None:
     torch.manual_seed(0)
-    net = AREIRNet("resnet18", 4, 12, True, member_impl="loop").cuda().train()
+    net = AREIRNet(AREIRNetConfig("resnet18", 4, 12, True, member_impl="loop")).cuda().train()
     state = {k: v.clone() for k, v in net.state_dict().items()}
     images = torch.randn(8, 3, 128, 128, device="cuda")
     outs = {}

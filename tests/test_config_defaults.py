@@ -8,7 +8,7 @@ import math
 import hydra
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from irlab.schedules import cosine_restarts, cosine_restarts_lr
 from tests.helpers import CONF, compose_config
@@ -111,14 +111,32 @@ def test_cosine_restarts_is_timm_semantics():
         assert group["lr"] == pytest.approx(cosine_restarts_lr(25.5, group_base, **ref))
 
 
+def dataset_node(name: str) -> DictConfig:
+    return compose_config([f"dataset={name}"]).dataset
+
+
 @pytest.mark.parametrize("name", ["digit_pairs", "digits"])
 def test_python_defaults_equal_the_embedded_dataset_yaml(name, tmp_path):
-    """The embedded sets built in Python (tests, notebooks) are the configured ones."""
-    cfg = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
+    """The embedded sets built in Python (tests, notebooks) are the configured ones, key by key."""
+    cfg = dataset_node(name)
     dm = hydra.utils.get_class(cfg._target_)(data_dir=str(tmp_path))
     for key in cfg.keys():
         if key in ("_target_", "data_dir") or OmegaConf.is_interpolation(cfg, key):
             continue
         value = OmegaConf.to_container(cfg[key]) if OmegaConf.is_config(cfg[key]) else cfg[key]
-        got = getattr(dm, key)
+        got = getattr(dm, key) if key != "root" else None if value is None else dm.root
         assert (list(got) if isinstance(got, tuple) else got) == value, f"{name}.yaml: {key}={value!r}, Python {got!r}"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "dataset").glob("*.yaml")))
+def test_every_dataset_setting_is_an_argument_and_written_once(name):
+    """Every key of a dataset config is an argument of its datamodule, and a dataset's own file holds only what
+    differs from conf/dataset/base/photos.yaml (the settings every dataset shares are written there, once)."""
+    cfg = dataset_node(name)
+    cls = hydra.utils.get_class(cfg._target_)
+    accepted = set().union(*(inspect.signature(c.__init__).parameters for c in cls.__mro__ if "__init__" in vars(c)))
+    assert set(cfg.keys()) - {"_target_"} <= accepted, f"{name}.yaml: unknown keys"
+    base = OmegaConf.load(CONF / "dataset" / "base" / "photos.yaml")
+    own = OmegaConf.load(CONF / "dataset" / f"{name}.yaml")
+    repeated = [k for k in own if k in base and own[k] == base[k]]
+    assert repeated == [], f"{name}.yaml repeats the base setting(s) {repeated}"
