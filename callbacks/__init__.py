@@ -4,10 +4,10 @@ Evaluation itself happens inside `irlab.module.RetrievalModule`; these callbacks
 ``last_eval`` (figures, statistics) or watch training (throughput, learning rate).
 """
 
-from callbacks.identifier_stats import IdentifierStats
+from callbacks.codebook_usage import CodebookUsage
 from callbacks.lr_monitor import SafeLearningRateMonitor
 from callbacks.pr_curve import PRCurvePlot
 from callbacks.retrieval_grid import RetrievalGrid
 from callbacks.throughput import ImagesPerSecond
 
-__all__ = ["IdentifierStats", "ImagesPerSecond", "PRCurvePlot", "RetrievalGrid", "SafeLearningRateMonitor"]
+__all__ = ["CodebookUsage", "ImagesPerSecond", "PRCurvePlot", "RetrievalGrid", "SafeLearningRateMonitor"]

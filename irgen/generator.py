@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from irgen.artifact import NO_IDENTIFIER
 from irgen.beam_search import beam_search
 from irgen.decoder import DecoderConfig, IdentifierDecoder
+from irgen.encoder_token_cache import EncoderTokenCache
 from irgen.encoders import build_encoder_from_config
-from irgen.memory_cache import FrozenMemoryCache
 from irgen.ranking import expand_identifiers, rank_identifiers, rerank_by_similarity, score_all_identifiers
 from irgen.trie import IdentifierTrie, validate_codes
 from irlab.checkpoints import read_state_dict
@@ -124,7 +124,7 @@ class IRGenGenerator(RetrievalModule):
         ))
         if encoder_lr_scale == 0:  # frozen encoder (e.g. the tokenizer's): no backward through it, much faster
             self.encoder.requires_grad_(False)
-        self._memory_cache = FrozenMemoryCache()
+        self._token_cache = EncoderTokenCache()
         self.eval_ks = tuple(int(k) for k in eval_ks)
         self.register_buffer("codes", torch.empty(0, code_depth, dtype=torch.long))
         self._targets: torch.Tensor | None = None
@@ -204,7 +204,7 @@ class IRGenGenerator(RetrievalModule):
         targets = self._targets[batch["index"]]  # [B, D]
         if self.encoder_frozen:
             with torch.no_grad():
-                memory = self._memory_cache.tokens(batch["index"], batch["image"], self.encoder)
+                memory = self._token_cache.tokens(batch["index"], batch["image"], self.encoder)
         else:
             memory = self.encoder(batch["image"])
         logits = self.teacher_forced_logits(memory, targets)

@@ -92,8 +92,7 @@ class IRGenTokenizer(RetrievalModule):
             self.partial_classifier = LinearSoftmaxLoss(num_classes, dim)
         self.loss_weights = loss_weights
         self._refit_epoch = -1
-        # codebook usage of the last evaluation (`code_usage`), what `callbacks.identifier_stats` draws
-        self.identifier_stats: dict | None = None
+        # codebook usage of the last evaluation (`code_usage`), what `callbacks.codebook_usage` draws
 
     # ---- features and identifiers ---------------------------------------------------------------------
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -229,14 +228,14 @@ class IRGenTokenizer(RetrievalModule):
                                                 exclude=eval_set.self_exclusion(), ks=self.eval_ks, normalize=True)
         report = reports["quantized"]
         report.metrics = {**report.metrics, **{f"raw_{k}": v for k, v in reports["raw"].metrics.items()}}
-        if bool(self.quantizer.initialized):  # codebook usage for callbacks.identifier_stats (W&B histograms)
-            self.identifier_stats = self.code_usage(torch.from_numpy(outputs["embedding"]).to(self.device))
+        if bool(self.quantizer.initialized):  # codebook usage for callbacks.codebook_usage (W&B histograms)
+            self.codebook_usage = self.code_usage(torch.from_numpy(outputs["embedding"]).to(self.device))
         return report
 
     @torch.no_grad()
     def code_usage(self, features: torch.Tensor) -> dict:
         """{"usage": per level, images per code; "distinct_identifiers"} of `features` (the callback derives
-        used fractions and perplexities from the counts: `callbacks.identifier_stats.usage_summary`)."""
+        used fractions and perplexities from the counts: `callbacks.codebook_usage.usage_summary`)."""
         codes = self.quantizer.encode(features).cpu().numpy()
         usage = [np.bincount(codes[:, d], minlength=self.quantizer.num_codes) for d in range(codes.shape[1])]
         return {"usage": usage, "distinct_identifiers": float(len(np.unique(codes, axis=0)))}

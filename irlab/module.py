@@ -60,6 +60,9 @@ class RetrievalModule(L.LightningModule):
         super().__init__()
         self._eval_outputs: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
         self.last_eval: EvalResult | None = None
+        # models with codebooks (IRGen's tokenizer) set it at each evaluation: {"usage": [counts per code, one
+        # array per level], other scalars}; `callbacks.codebook_usage` logs and draws it, None draws nothing
+        self.codebook_usage: dict | None = None
 
     # ---- to implement ---------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:

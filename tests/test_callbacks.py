@@ -9,8 +9,8 @@ import torch
 from lightning.pytorch.loggers import Logger
 from torch import nn
 
-from callbacks import IdentifierStats, ImagesPerSecond, PRCurvePlot, RetrievalGrid, SafeLearningRateMonitor
-from callbacks.identifier_stats import usage_summary
+from callbacks import CodebookUsage, ImagesPerSecond, PRCurvePlot, RetrievalGrid, SafeLearningRateMonitor
+from callbacks.codebook_usage import usage_summary
 from callbacks.retrieval_grid import grid_rows
 from datamodules.digits import DigitsDataModule
 from irlab.module import EvalResult, RetrievalModule
@@ -25,7 +25,7 @@ class TinyModel(RetrievalModule):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 16))
         self.head = nn.Linear(16, num_classes)
         if with_stats:  # what an IRGen tokenizer exposes: usage counts of every code, per level
-            self.identifier_stats = {"usage": [np.array([5, 0, 3, 0]), np.ones(8)], "collision_rate": 0.25}
+            self.codebook_usage = {"usage": [np.array([5, 0, 3, 0]), np.ones(8)], "collision_rate": 0.25}
 
     def embed(self, images):
         return self.net(images)
@@ -79,7 +79,7 @@ def _fit(tmp_path: Path, dm, model, loggers, callbacks) -> L.Trainer:
 
 def test_callbacks_draw_figures_and_log_them(tmp_path, datamodule):
     logger = ImageLogger()
-    callbacks = [PRCurvePlot(), RetrievalGrid(num_queries=3, top_k=4), IdentifierStats(), ImagesPerSecond(window=5),
+    callbacks = [PRCurvePlot(), RetrievalGrid(num_queries=3, top_k=4), CodebookUsage(), ImagesPerSecond(window=5),
                  SafeLearningRateMonitor()]
     trainer = _fit(tmp_path, datamodule, TinyModel(datamodule.num_classes, with_stats=True), logger, callbacks)
     figures = sorted(p.name for p in (tmp_path / "figures" / "val").glob("*.png"))
@@ -91,8 +91,8 @@ def test_callbacks_draw_figures_and_log_them(tmp_path, datamodule):
     assert trainer.progress_bar_metrics["train/images_per_sec"] > 0
 
 
-def test_no_logger_no_identifier_stats_still_runs(tmp_path, datamodule, recwarn):
-    callbacks = [SafeLearningRateMonitor(), IdentifierStats(), ImagesPerSecond(), PRCurvePlot()]
+def test_no_logger_no_codebooks_still_runs(tmp_path, datamodule, recwarn):
+    callbacks = [SafeLearningRateMonitor(), CodebookUsage(), ImagesPerSecond(), PRCurvePlot()]
     _fit(tmp_path, datamodule, TinyModel(datamodule.num_classes), False, callbacks)
     # the default run has no logger on purpose: the LR monitor stands down without a warning
     assert not [w for w in recwarn if "no logger" in str(w.message)]

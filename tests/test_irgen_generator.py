@@ -227,8 +227,8 @@ def test_pipeline_runs_every_stage_on_fake_benchmarks(experiment, protocol, fake
     assert metrics["test/queries_evaluated"] == metrics["test/knn/queries_evaluated"] > 0
 
 
-def test_frozen_memory_cache_reuses_verified_tokens_and_turns_itself_off():
-    from irgen.memory_cache import FrozenMemoryCache
+def test_encoder_token_cache_reuses_verified_tokens_and_turns_itself_off():
+    from irgen.encoder_token_cache import EncoderTokenCache
 
     calls = []
 
@@ -236,17 +236,17 @@ def test_frozen_memory_cache_reuses_verified_tokens_and_turns_itself_off():
         calls.append(len(images))
         return images * 2
 
-    cache, index, images = FrozenMemoryCache(), torch.tensor([3, 1]), torch.randn(2, 4, 5)
+    cache, index, images = EncoderTokenCache(), torch.tensor([3, 1]), torch.randn(2, 4, 5)
     assert torch.equal(cache.tokens(index, images, encode), images * 2)  # first epoch: encoded and stored
     assert torch.equal(cache.tokens(index, images, encode), images * 2) and cache.verified  # verified once
     assert torch.equal(cache.tokens(index.flip(0), images.flip(0), encode), images.flip(0) * 2)
     assert calls == [2, 2]  # the third call came from the cache
 
-    augmenting = FrozenMemoryCache()
+    augmenting = EncoderTokenCache()
     augmenting.tokens(index, images, encode)
     assert torch.equal(augmenting.tokens(index, images + 1, encode), (images + 1) * 2)  # differs: off
     assert not augmenting.enabled and not augmenting.store
-    small = FrozenMemoryCache(budget_bytes=8)
+    small = EncoderTokenCache(budget_bytes=8)
     small.tokens(index, images, encode)
     assert not small.enabled  # 2 x 20 floats do not fit in 8 bytes
 

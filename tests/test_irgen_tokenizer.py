@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from callbacks.identifier_stats import usage_summary
+from callbacks.codebook_usage import usage_summary
 from datamodules.digits import DigitsDataModule
 from irgen.clip_weights import CLIPViTEncoder, convert_clip_visual, spec_from_state
 from irgen.encoders import build_encoder
@@ -171,7 +171,7 @@ def test_training_steps_then_identifiers_are_deterministic(tmp_path):
     for key in ("val/R@1", "val/raw_R@1"):  # quantized (reported) and raw retrieval during training
         assert 0.0 <= float(trainer.callback_metrics[key]) <= 1.0
     # codebook usage for the identifier-statistics callback (W&B histograms): one count per code and level
-    stats = model.identifier_stats
+    stats = model.codebook_usage
     n_val = int(stats["usage"][0].sum())  # the images evaluated (a limited loader may see a subset)
     assert 0 < n_val <= len(dm.eval_set("val"))
     assert len(stats["usage"]) == 3 and all(u.shape == (8,) and u.sum() == n_val for u in stats["usage"])

@@ -1,9 +1,9 @@
 """How a generative-retrieval tokenizer uses its codebooks: per-level usage histograms and summary numbers.
 
-IRGen-style models expose ``pl_module.identifier_stats = {"usage": [counts per code, one array per level], ...}``.
-Collapsed codebooks (few codes used, low perplexity) make identifiers collide and retrieval fail, so this is worth
-watching every validation. Models without the attribute are ignored. Other scalar entries of the dict are
-logged as ``ids/<key>``.
+Models with codebooks set `irlab.module.RetrievalModule.codebook_usage` = ``{"usage": [counts per code, one array
+per level], ...}`` at each evaluation (IRGen's tokenizer). Collapsed codebooks (few codes used, low perplexity) make
+identifiers collide and retrieval fail, so this is worth watching every validation. Models without codebooks leave
+it None and get nothing from this callback. Other scalar entries of the dict are logged as ``ids/<key>``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 from callbacks.base import EvalResultCallback
 from callbacks.media import figure_path, log_image, log_scalars
 from irlab.code_usage import counts_perplexity
+from irlab.module import RetrievalModule
 
 
 def usage_summary(usage: list[np.ndarray]) -> dict[str, float]:
@@ -24,7 +25,7 @@ def usage_summary(usage: list[np.ndarray]) -> dict[str, float]:
     for level, counts in enumerate(usage):
         counts = np.asarray(counts, dtype=np.float64).reshape(-1)
         if counts.size == 0 or (counts < 0).any():
-            raise ValueError(f"identifier_stats['usage'][{level}] must be non-negative counts per code")
+            raise ValueError(f"codebook_usage['usage'][{level}] must be non-negative counts per code")
         out[f"ids/level{level}/used_fraction"] = float((counts > 0).mean())
         out[f"ids/level{level}/perplexity"] = counts_perplexity(counts)
     return out
@@ -49,10 +50,10 @@ def plot_usage(usage: list[np.ndarray], path, title: str = ""):
     return path
 
 
-class IdentifierStats(EvalResultCallback):
-    def on_eval(self, trainer: L.Trainer, pl_module: L.LightningModule, result) -> None:
-        stats = getattr(pl_module, "identifier_stats", None)
-        if not isinstance(stats, dict) or not stats:
+class CodebookUsage(EvalResultCallback):
+    def on_eval(self, trainer: L.Trainer, pl_module: RetrievalModule, result) -> None:
+        stats = pl_module.codebook_usage
+        if not stats:
             return
         metrics = {f"ids/{k}": float(v) for k, v in stats.items() if np.isscalar(v) and not isinstance(v, str)}
         usage = stats.get("usage")

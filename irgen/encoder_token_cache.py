@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 BUDGET_BYTES = 1 << 30  # tokens kept at most (e.g. 2,560 images x 17 tokens x 256 floats = 45 MB)
 
 
-class FrozenMemoryCache:
+class EncoderTokenCache:
     def __init__(self, budget_bytes: int = BUDGET_BYTES) -> None:
         self.budget_bytes, self.used_bytes = budget_bytes, 0
         self.store: dict[int, torch.Tensor] = {}
