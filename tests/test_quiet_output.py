@@ -16,3 +16,20 @@ def test_lightning_noise_is_dropped_and_the_rest_kept(caplog):
                   enable_progress_bar=False, enable_model_summary=False)
     assert "Tip" not in caplog.text and "100% of the batches" not in caplog.text
     assert "GPU available" in caplog.text  # other information still gets through
+
+
+def test_the_model_summary_has_no_flops_column_without_an_example_input(tmp_path, capsys):
+    import torch
+
+    from callbacks.model_summary import ModelSummaryTable
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(3, 2)
+
+    ModelSummaryTable().on_fit_start(L.Trainer(default_root_dir=tmp_path, logger=False, accelerator="cpu",
+                                               enable_progress_bar=False), Tiny())
+    out = capsys.readouterr().out
+    assert "layer" in out and "Linear" in out and "Total params" in out
+    assert "FLOPs" not in out
