@@ -50,12 +50,12 @@ def train_pipeline(cfg: DictConfig, datamodule: RetrievalDataModule) -> RunRepor
     if stage != "all" and stage not in STAGE_ORDER:
         raise ValueError(f"irgen.stage must be 'all' or one of {STAGE_ORDER}, got {stage!r}")
     artifact_dir = expand_path(cfg.irgen.artifact_dir)
-    if cfg.get("debug_run"):  # a smoke test never leaves an artifact that a real run would meet
+    if cfg.debug_run:  # a smoke test never leaves an artifact that a real run would meet
         artifact_dir = artifact_dir.with_name(artifact_dir.name + "_debug")
     ctx = PipelineContext(cfg, datamodule, artifact_dir)
     selected = list(STAGE_ORDER) if stage == "all" else [stage]
-    if (cfg.irgen.get("rebuild") or cfg.get("debug_run")) and rank_zero_only.rank == 0:
-        why = "irgen.rebuild=true" if cfg.irgen.get("rebuild") else "debug=fast (smoke tests always rebuild)"
+    if (cfg.irgen.rebuild or cfg.debug_run) and rank_zero_only.rank == 0:
+        why = "irgen.rebuild=true" if cfg.irgen.rebuild else "debug=fast (smoke tests always rebuild)"
         for name in selected:
             log.warning(f"{why}: removing the previous {name} outputs in {ctx.artifact_dir}")
             CLEARERS[name](ctx.artifact_dir)

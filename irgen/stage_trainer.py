@@ -29,9 +29,9 @@ DEBUG_KEYS = ("max_epochs", "limit_train_batches", "limit_val_batches", "limit_t
 def stage_trainer_config(cfg: DictConfig, stage: str) -> DictConfig:
     """`trainer` with ``irgen.stage_trainer.<stage>`` merged on top; under ``debug=fast`` the debug limits win
     over the stage's own epochs (a generator preset's 100 epochs must not run in a smoke test)."""
-    overrides = (cfg.irgen.get("stage_trainer") or {}).get(stage) or {}
+    overrides = cfg.irgen.stage_trainer[stage] or {}  # conf/irgen/default.yaml
     merged = OmegaConf.merge(cfg.trainer, overrides)
-    if cfg.get("debug_run"):
+    if cfg.debug_run:
         merged = OmegaConf.merge(merged, {k: cfg.trainer[k] for k in DEBUG_KEYS if k in cfg.trainer},
                                  {"check_val_every_n_epoch": 1})
     return merged
@@ -53,7 +53,7 @@ def build_stage_trainer(cfg: DictConfig, stage: str, ckpt_dir: Path, monitor: st
         return {}
 
     callbacks = build_callbacks(cfg, adapt)
-    resumable = not cfg.get("debug_run")  # debug=fast writes no full training state (conf/debug/fast.yaml)
+    resumable = not cfg.debug_run  # debug=fast writes no full training state (conf/debug/fast.yaml)
     if resumable and not any(isinstance(c, ModelCheckpoint) and c.monitor is None for c in callbacks):
         callbacks.append(FullStateCheckpoint(  # resume needs it
             dirpath=str(ckpt_dir), filename=Path(LAST_CHECKPOINT).stem, save_top_k=1, enable_version_counter=False,

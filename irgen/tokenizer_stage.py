@@ -51,9 +51,9 @@ def build_or_reuse_tokenizer(ctx: PipelineContext) -> dict[str, float]:
     tok_dir = ctx.artifact_dir / TOKENIZER_DIR
     model_cfg = cfg.irgen.tokenizer
     n_train = len(dm.split.train_ids)
-    if model_cfg.get("kmeans_max_points"):
+    if model_cfg.kmeans_max_points:
         n_train = min(n_train, int(model_cfg.kmeans_max_points))
-    num_codes = effective_num_codes(int(model_cfg.num_codes), n_train, int(model_cfg.get("min_points_per_code", 4)))
+    num_codes = effective_num_codes(int(model_cfg.num_codes), n_train, int(model_cfg.min_points_per_code))
     model = build_model(model_cfg, dm, num_codes=num_codes)
     claim_stage_folder(tok_dir, expected, (LAST_CHECKPOINT,), "an interrupted tokenizer run (it cannot be resumed)",
                        hint)

@@ -163,9 +163,9 @@ def query_checkpoint(cfg: DictConfig, datamodule: RetrievalDataModule, load: Mod
     """`eval.py query=...`: load ``ckpt_path`` with the method's loader and retrieve for every query image."""
     model, _ = load(cfg, datamodule)
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
-    gallery = folder_gallery(expand_path(cfg.gallery), datamodule) if cfg.get("gallery") else \
+    gallery = folder_gallery(expand_path(cfg.gallery), datamodule) if cfg.gallery else \
         dataset_gallery(datamodule)
     queries = read_queries(str(cfg.query), datamodule)
-    hits = retrieve(model, gallery, queries, int(cfg.get("top_k", 8)), datamodule.eval_transform(),
+    hits = retrieve(model, gallery, queries, int(cfg.top_k), datamodule.eval_transform(),
                     datamodule.eval_batch_size)
     return report(hits, gallery, model.score_name, Path(cfg.paths.output_dir))

@@ -9,13 +9,14 @@ and ``test/knn/R@1``). `metric_rows` groups them so that the rows of one evaluat
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from irlab.atomic_files import write_text_atomically
 
 STAGES = ("val", "test")
 # the rank-based metrics a row is read by, in display order (P@k_irgen after P@k)
@@ -63,15 +64,10 @@ def write_metrics(path: str | Path, metrics: dict[str, float], data: dict,
                   row_names: Mapping[str, str] | None = None, provenance: dict | None = None) -> Path:
     """Write metrics with the split they were measured on (and, for a run, its `irlab.provenance`), atomically
     (no half-written file after a kill)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
     content = {"metrics": metrics, "data": data, "rows": metric_rows(metrics, row_names)}
     if provenance is not None:
         content["provenance"] = provenance
-    tmp.write_text(json.dumps(content, indent=2, sort_keys=True))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomically(Path(path), json.dumps(content, indent=2, sort_keys=True))
 
 
 def print_metrics(metrics: dict[str, float], title: str, row_names: Mapping[str, str] | None = None) -> None:

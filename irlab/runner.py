@@ -32,7 +32,7 @@ def run(cfg: DictConfig, action: str = "train") -> dict[str, float]:
     if action not in ACTIONS:
         raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
     start_clock()
-    if cfg.get("torch_threads"):
+    if cfg.torch_threads:  # conf/train.yaml, conf/eval.yaml
         torch.set_num_threads(int(cfg.torch_threads))
     output_dir = Path(cfg.paths.output_dir)
     log.info(f"run folder: {output_dir}")
@@ -40,7 +40,7 @@ def run(cfg: DictConfig, action: str = "train") -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     log.info(f"data: {datamodule.describe()}")
-    if action == "evaluate" and cfg.get("query"):
+    if action == "evaluate" and cfg.query:  # conf/eval.yaml
         metrics = query_checkpoint(cfg, datamodule, method.load)
     else:
         if action == "train" and datamodule.split.val_is_test:
