@@ -12,11 +12,12 @@ from collections.abc import Callable
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks.gpu_layout import GpuLayout
+from callbacks.model_summary import ModelSummaryTable
 from datamodules.base import RetrievalDataModule
 from irlab.atomic_files import StreamingCheckpointIO
 from irlab.distributed import install_hydra_ddp_launch
@@ -88,6 +89,9 @@ def build_trainer(cfg: DictConfig, trainer_cfg: DictConfig | None = None, callba
     install_hydra_ddp_launch()
     callbacks = build_callbacks(cfg) if callbacks is None else callbacks
     callbacks = [*callbacks, GpuLayout()]  # TF32 and channels-last on GPU trainers (callbacks/gpu_layout.py)
+    if trainer_cfg.get("enable_model_summary", True) is not False and \
+            not any(isinstance(c, ModelSummary) for c in callbacks):  # else Lightning adds its own, FLOPs and all
+        callbacks.append(ModelSummaryTable())
     loggers = instantiate_group(cfg.get("logger"), Logger)
     overrides.setdefault("plugins", [StreamingCheckpointIO()])  # checkpoints streamed to disk, then renamed
     return hydra.utils.instantiate(trainer_cfg, callbacks=callbacks, logger=loggers or False, **overrides)
