@@ -16,16 +16,18 @@ import lightning as L
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 from torchvision.transforms import v2
 
 from datamodules.errors import UserInputError
 from datamodules.loading import AUTO, auto_workers, resolve_flag
 from datamodules.paths import expand_path
-from datamodules.protocol import EvalSet, ProtocolSplit, build_protocol, positions_by_class
+from datamodules.protocol import EvalSet, ProtocolSplit, build_protocol
 from datamodules.records import AnnotationError, ImageRecord
+from datamodules.samplers import ClassBalancedSampler, MaxPerClassSampler
 
 log = logging.getLogger(__name__)
+SAMPLERS = ("random", "pk")  # dataset.sampler
 
 RESIZE_MODES = ("square", "short_side")
 INTERPOLATIONS = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC}
@@ -114,30 +116,6 @@ class RecordDataset(Dataset):
         return {"image": self.transform(image), "label": int(self.labels[i]), "index": i}
 
 
-class MaxPerClassSampler(Sampler[int]):
-    """Each epoch, a fresh random subset of at most `max_per_class` images of every class, shuffled.
-
-    Caps the influence of huge classes (the AREIR recipe draws <= 300 images per class per epoch); the draw
-    changes with `set_epoch` so that every image is seen over the run. Deterministic given seed and epoch.
-    """
-
-    def __init__(self, labels: np.ndarray, max_per_class: int, seed: int = 0) -> None:
-        self.labels, self.max_per_class, self.seed, self.epoch = np.asarray(labels), max_per_class, seed, 0
-        self._by_class = positions_by_class(self.labels)
-        self._length = sum(min(len(m), max_per_class) for m in self._by_class)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self._length
-
-    def __iter__(self):
-        rng = np.random.default_rng((self.seed, self.epoch))
-        chosen = [rng.permutation(m)[: self.max_per_class] for m in self._by_class]
-        yield from rng.permutation(np.concatenate(chosen)).tolist()
-
-
 class RetrievalDataModule(L.LightningDataModule):
     """Base for all datasets. Subclasses set `name`, `zero_shot_split`, `url`, and implement `read_records`."""
 
@@ -165,6 +143,8 @@ class RetrievalDataModule(L.LightningDataModule):
         normalize_on_device: bool | str = False,
         jpeg_draft: bool = False,
         max_per_class: int | None = None,
+        sampler: str = "random",
+        samples_per_class: int = 4,
         val_fraction: float = 0.0,
         seed: int = 0,
         split_seed: int = 0,
@@ -188,6 +168,11 @@ class RetrievalDataModule(L.LightningDataModule):
         self.normalize_on_device = resolve_flag(normalize_on_device, "normalize_on_device")
         self.jpeg_draft = jpeg_draft
         self.max_per_class, self.val_fraction, self.seed = max_per_class, val_fraction, seed
+        if sampler not in SAMPLERS or (sampler == "pk" and max_per_class):
+            raise UserInputError(f"dataset.sampler must be one of {SAMPLERS} (pk: P classes x dataset."
+                                 f"samples_per_class images per batch, without dataset.max_per_class), got "
+                                 f"sampler={sampler!r}, max_per_class={max_per_class}")
+        self.sampler, self.samples_per_class = sampler, samples_per_class
         self.split_seed = split_seed  # the validation carve: fixed across training seeds, so seeds are comparable
         self.records: list[ImageRecord] = []
         self.split: ProtocolSplit | None = None
@@ -338,6 +323,8 @@ class RetrievalDataModule(L.LightningDataModule):
                         f"recipe's global batch G, set dataset.batch_size=G/{trainer.world_size} (README, 'Batch "
                         f"size under DDP').")
         dataset = self.train_dataset(self.train_transform(uint8=self.normalize_on_device))
+        if self.sampler == "pk":
+            return self._class_balanced_loader(dataset, trainer)
         sampler = (
             MaxPerClassSampler(dataset.labels, self.max_per_class, self.seed) if self.max_per_class else None
         )
@@ -349,6 +336,21 @@ class RetrievalDataModule(L.LightningDataModule):
             drop_last=len(dataset) > self.batch_size,
             **self._loader_kwargs(),
         )
+
+    def _class_balanced_loader(self, dataset, trainer) -> DataLoader:
+        """``dataset.sampler=pk``: P x K batches, split over the ranks by the sampler itself."""
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        sampler = ClassBalancedSampler(dataset.labels, self.batch_size, self.samples_per_class, self.seed, world,
+                                       rank)
+        if rank == 0:
+            log.info(f"P x K batches: {sampler.p} classes x {sampler.k} images, {sampler.batches_per_rank} per rank "
+                     f"and epoch; {sampler.short_classes} of {len(sampler._by_class)} classes have fewer than "
+                     f"{sampler.k} images and are drawn with replacement")
+            if world > 1 and not sampler.ranks_disjoint:
+                log.warning(f"P x K batches: {len(sampler._by_class)} classes cannot give {world} ranks "
+                            f"{sampler.p} different classes each in one step; ranks may share classes")
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
+                          **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

@@ -1,4 +1,5 @@
-"""The reference row: a ResNet trunk, a linear embedding and a normalized-softmax (cosine classifier) loss.
+"""The reference row: a trunk (torchvision, timm or the embedded `cnn_small`), a linear embedding and a
+metric-learning loss (``model.loss``: normalized softmax by default, or any PML loss of conf/model/loss/).
 
 Normalized softmax (Zhai & Wu, 2019) is the strong, simple classification baseline of deep metric learning:
 embeddings and class weights are L2-normalized and the logits are their cosine divided by a temperature.
@@ -12,8 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from irlab.backbones import resnet_trunk
-from irlab.losses import NormalizedSoftmaxLoss
+from irlab.backbones import build_trunk
+from irlab.metric_losses import build_metric_loss
 from irlab.module import RetrievalModule
 from irlab.optim import module_optimization
 from irlab.plain import to_plain
@@ -28,29 +29,34 @@ class EmbeddingBaseline(RetrievalModule):
         arch: str = "cnn_small",
         pretrained: bool | str = False,
         embedding_dim: int = 128,
-        temperature: float = 0.05,
+        loss: Mapping | None = None,
         trunk_lr_scale: float = 1.0,
         optimizer: Mapping | None = None,
         scheduler: Mapping | None = None,
     ) -> None:
         super().__init__()
-        optimizer, scheduler = to_plain(optimizer), to_plain(scheduler)  # plain data: weights_only checkpoints
+        # plain data: weights_only checkpoints
+        optimizer, scheduler, loss = to_plain(optimizer), to_plain(scheduler), to_plain(loss)
         self.save_hyperparameters()
-        self.trunk, width = resnet_trunk(arch, pretrained)
+        self.trunk, width = build_trunk(arch, pretrained)
         self.embedding = nn.Linear(width, embedding_dim)
-        self.loss = NormalizedSoftmaxLoss(num_classes, embedding_dim, temperature)
+        metric_loss = build_metric_loss(loss, num_classes, embedding_dim)
+        self.loss, self.miner, self.loss_lr_scale = metric_loss.criterion, metric_loss.miner, metric_loss.lr_scale
+        self._metric_loss = metric_loss
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.trunk(images))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(self.embed(batch["image"]), batch["label"])
+        loss = self._metric_loss(self.embed(batch["image"]), batch["label"])
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def configure_optimizers(self):
-        groups = [
-            {"params": self.trunk.parameters(), "lr_scale": self.hparams.trunk_lr_scale},
-            {"params": list(self.embedding.parameters()) + list(self.loss.parameters())},
-        ]
-        return module_optimization(self, groups)
+        groups = [{"params": self.trunk.parameters(), "lr_scale": self.hparams.trunk_lr_scale}]
+        if self.loss_lr_scale == 1.0:
+            groups.append({"params": list(self.embedding.parameters()) + list(self.loss.parameters())})
+        else:  # proxies / class weights at their own rate (ProxyAnchor: 100x)
+            groups += [{"params": list(self.embedding.parameters())},
+                       {"params": list(self.loss.parameters()), "lr_scale": self.loss_lr_scale}]
+        return module_optimization(self, [g for g in groups if g["params"]])

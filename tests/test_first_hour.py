@@ -52,6 +52,7 @@ def test_wrong_checkpoint_files_say_what_they_are(tmp_path):
 def test_failed_weight_download_names_the_key_of_that_method(monkeypatch):
     import torchvision
 
+    from datamodules.errors import MissingFileError
     from irgen.encoders import build_encoder
     from irlab.backbones import build_torchvision
 
@@ -62,7 +63,7 @@ def test_failed_weight_download_names_the_key_of_that_method(monkeypatch):
 
     real = torchvision.models.resnet18
     monkeypatch.setattr(torchvision.models, "resnet18", offline)
-    with pytest.raises(RuntimeError, match=r"set irgen\.tokenizer\.encoder\.pretrained=/path/to/file\.pth"):
+    with pytest.raises(MissingFileError, match=r"set irgen\.tokenizer\.encoder\.pretrained=/path/to/file\.pth"):
         build_encoder("resnet18", 32, True)
-    with pytest.raises(RuntimeError, match=r"set model\.pretrained=/path/to/file\.pth"):
+    with pytest.raises(MissingFileError, match=r"set model\.pretrained=/path/to/file\.pth"):
         build_torchvision("resnet18", True)
