@@ -43,10 +43,11 @@ from irlab.module import RetrievalModule
 from irlab.optim import module_optimization
 from irlab.plain import to_plain
 from irlab.retrieval import RetrievalReport, evaluate_rankings
+from irlab.retrieval.ann import ROW_LABELS as ANN_ROW_LABELS
 
 # the ranking rows of every IRGen evaluation, as `irlab.reporting` labels them (metric key infix -> label)
 RANKING_ROWS = {"": "generative (paper)", "rerank": "generative + rerank", "knn": "kNN, same encoder",
-                "exhaustive": "exhaustive scoring"}
+                "exhaustive": "exhaustive scoring", **ANN_ROW_LABELS}
 
 
 def draw_same_class(labels: np.ndarray, seed: int, epoch: int, pool_labels: np.ndarray | None = None) -> np.ndarray:
@@ -85,6 +86,7 @@ VALIDATION_ROWS = ("generative", "all")
 
 
 class IRGenGenerator(RetrievalModule):
+    ranks_by_exact_knn = False  # its own ranking is beam search; the ANN rows compare with its kNN row
     def __init__(
         self,
         code_depth: int | None = None,

@@ -43,6 +43,7 @@ HEADS = ("cosine_shared", "linear_separate")
 
 
 class IRGenTokenizer(RetrievalModule):
+    ranks_by_exact_knn = False  # its reported ranking is the quantized feature's; ANN rows search the raw one
     def __init__(
         self,
         num_classes: int,

@@ -16,12 +16,15 @@ from lightning.pytorch.callbacks import Callback, ModelSummary
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
+from callbacks.approximate_search import ApproximateSearchRows
 from callbacks.gpu_layout import GpuLayout
 from callbacks.model_summary import ModelSummaryTable
 from datamodules.base import RetrievalDataModule
+from datamodules.errors import UserInputError
 from irlab.atomic_files import StreamingCheckpointIO
 from irlab.distributed import install_hydra_ddp_launch
 from irlab.quiet_output import quiet_lightning
+from irlab.retrieval.ann import INDEXES
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,16 @@ def build_callbacks(cfg: DictConfig, adapt: Callable[[type, DictConfig], dict] |
     return instantiate_group(cfg.get("callbacks"), Callback, adapt)
 
 
+def approximate_indexes(cfg: DictConfig) -> dict[str, dict]:
+    """``evaluation.indexes`` with each index's settings (``evaluation.<index>``); {} when none are asked for."""
+    evaluation = cfg.get("evaluation") or {}  # absent in configs composed by older runs' overrides
+    names = list(evaluation.get("indexes") or [])
+    unknown = sorted(set(names) - set(INDEXES))
+    if unknown:
+        raise UserInputError(f"evaluation.indexes: unknown {unknown}; choose from {list(INDEXES)}")
+    return {name: OmegaConf.to_container(evaluation.get(name) or OmegaConf.create({})) for name in names}
+
+
 def build_trainer(cfg: DictConfig, trainer_cfg: DictConfig | None = None, callbacks: list[Callback] | None = None,
                   **overrides) -> L.Trainer:
     """The one place every trainer is built (each method, each stage): accelerator check, the Hydra-aware DDP
@@ -89,6 +102,9 @@ def build_trainer(cfg: DictConfig, trainer_cfg: DictConfig | None = None, callba
     install_hydra_ddp_launch()
     callbacks = build_callbacks(cfg) if callbacks is None else callbacks
     callbacks = [*callbacks, GpuLayout()]  # TF32 and channels-last on GPU trainers (callbacks/gpu_layout.py)
+    indexes = approximate_indexes(cfg)
+    if indexes:  # evaluation.indexes: ANN rows beside the exact one (irlab/retrieval/ann.py)
+        callbacks.append(ApproximateSearchRows(indexes))
     if trainer_cfg.get("enable_model_summary", True) is not False and \
             not any(isinstance(c, ModelSummary) for c in callbacks):  # else Lightning adds its own, FLOPs and all
         callbacks.append(ModelSummaryTable())

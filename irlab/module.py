@@ -25,6 +25,7 @@ from irlab.checkpoints import MODEL_KEY, model_class_name
 from irlab.inference import evaluation_mode, map_images
 from irlab.reproducibility import rng_states, set_rng_states
 from irlab.retrieval import RetrievalReport, evaluate_embeddings
+from irlab.retrieval.ann import approximate_rows
 from irlab.sharding import gather_rows
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,8 @@ class RetrievalModule(L.LightningModule):
         # models with codebooks (IRGen's tokenizer) set it at each evaluation: {"usage": [counts per code, one
         # array per level], other scalars}; `callbacks.codebook_usage` logs and draws it, None draws nothing
         self.codebook_usage: dict | None = None
+        # evaluation.indexes (set by callbacks.approximate_search): ANN rows beside the exact one
+        self.evaluation_indexes: dict[str, dict] = {}
 
     # ---- to implement ---------------------------------------------------------------------------------
     def embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -168,6 +171,16 @@ class RetrievalModule(L.LightningModule):
             ks=self.eval_ks,
         )
 
+    # the model's own ranking is exact kNN over outputs["embedding"] (its neighbours serve the ANN recall column)
+    ranks_by_exact_knn = True
+
+    def approximate_rows(self, embeddings: np.ndarray, eval_set, report: RetrievalReport) -> dict[str, float]:
+        """``evaluation.indexes``' rows over the same embeddings (`irlab.retrieval.ann`)."""
+        exact = report.neighbors if self.ranks_by_exact_knn else None
+        return approximate_rows(self.evaluation_indexes, eval_set.queries(embeddings), eval_set.gallery(embeddings),
+                                eval_set.queries(eval_set.labels), eval_set.gallery(eval_set.labels),
+                                exclude=eval_set.self_exclusion(), ks=self.eval_ks, exact_neighbors=exact)
+
     def _finish_evaluation(self, stage: str) -> None:
         if self.trainer.sanity_checking:
             self._eval_outputs = []
@@ -188,6 +201,8 @@ class RetrievalModule(L.LightningModule):
             report = self.rank_gallery(stage, outputs, eval_set)
             metrics = {k: float(v) for k, v in report.metrics.items()}
             metrics["search_seconds"] = time.perf_counter() - start
+            if self.evaluation_indexes and "embedding" in outputs:
+                metrics.update(self.approximate_rows(outputs["embedding"], eval_set, report))
             # what callbacks draw on; not the outputs themselves (5.8 GB for AREIR's SOP embedding)
             self.last_eval = EvalResult(stage, report, len(eval_set), eval_set.query_positions,
                                         eval_set.gallery_positions, positions)
