@@ -1,24 +1,24 @@
-"""OpenAI CLIP / open_clip visual towers as torchvision ViTs (the IRGen paper's feature encoder).
+"""OpenAI CLIP / open_clip visual towers for IRGen (the paper's feature encoder), built by timm.
 
-CLIP's ViT differs from torchvision's in three places, each reproduced here so that the converted model
-computes exactly CLIP's function:
+timm's ``vit_base_patch16_clip_quickgelu_224`` is CLIP's ViT exactly (QuickGELU, ``ln_pre``, ``ln_post``,
+the bias-free ``proj`` as its head), and its checkpoint filter reads OpenAI's key layout: with the same weights
+it gives the same features as an independent re-implementation of CLIP's forward (a test compares them), so
+irlab keeps no conversion of its own. What stays here is what timm does not do:
 
-* ``ln_pre``: a LayerNorm after the positional embedding. torchvision's encoder applies ``encoder.dropout``
-  at exactly that point, so the LayerNorm takes the dropout's slot (dropout is 0 in torchvision anyway).
-* QuickGELU (``x * sigmoid(1.702 x)``) instead of GELU in every MLP: the activation module is swapped.
-* ``proj``: a bias-free projection after ``ln_post`` (torchvision's final ``encoder.ln``), applied to every
-  token, so the global token is CLIP's image embedding. LayerNorms use CLIP's eps 1e-5 (torchvision: 1e-6).
+* reading OpenAI's released ``ViT-B-16.pt``, a TorchScript archive (``torch.jit.load``, which deserializes
+  TorchScript code and tensors, never arbitrary pickled Python objects; only the tensors are kept), and plain
+  state dicts (``visual.*`` keys of a full CLIP or open_clip model, or the bare tower, optionally under
+  ``state_dict``/``module.``) with ``torch.load(weights_only=True)``;
+* the activation. OpenAI's CLIP uses QuickGELU; open_clip's LAION and DataComp ViT-B/16 use GELU, and loading
+  them into the QuickGELU model computes another function without an error. ``clip_activation: auto`` takes
+  QuickGELU for OpenAI's archive and for random initialisation, and refuses any other file, whose activation
+  cannot be known: set ``quick_gelu`` or ``gelu``;
+* ``clip_output``: ``projected`` tokens (after ``ln_post`` and ``proj``: CLIP's embedding space) or
+  ``transformer`` tokens (the last block's output, as the IRGen reference uses them; ``ln_post`` and ``proj``
+  are not built at all).
 
-Key mapping: conv1 -> conv_proj (bias zero), class_embedding -> class_token, positional_embedding ->
-encoder.pos_embedding (bicubically resized when the image size differs), ln_pre -> encoder.dropout,
-transformer.resblocks.i.{ln_1, attn.in_proj_*, attn.out_proj, ln_2, mlp.c_fc, mlp.c_proj} ->
-encoder.layers.encoder_layer_i.{ln_1, self_attention.in_proj_*, self_attention.out_proj, ln_2, mlp.0, mlp.3},
-ln_post -> encoder.ln, proj -> proj.weight (transposed).
-
-Files: a plain state dict (``visual.*`` keys of a full CLIP or open_clip model, or the bare visual tower,
-optionally under ``state_dict``/``module.``) is read with ``torch.load(weights_only=True)``. OpenAI's released
-``ViT-B-16.pt`` is a TorchScript archive: it is opened with ``torch.jit.load`` (which deserializes TorchScript
-code and tensors, never arbitrary pickled Python objects) and only its tensors are kept.
+``pretrained: true`` downloads timm's ``vit_base_patch16_clip_quickgelu_224.openai`` (GELU:
+``vit_base_patch16_clip_224.laion2b``) from the Hugging Face hub.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torchvision.models.vision_transformer import VisionTransformer
 
-from datamodules.errors import MissingFileError
-from irgen.encoder_base import ImageEncoder
+from datamodules.errors import MissingFileError, UserInputError
+from irgen.timm_encoder import PRETRAINED_KEY, TimmTokens
+from irlab.backbones import build_timm
 from irlab.checkpoints import read_state_dict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -60,17 +59,6 @@ class CLIPSpec:
 CLIP_SPECS = {"clip_vit_b_16": CLIPSpec(16, 768, 12, 12, 3072, 512, 14)}
 
 
-# what ``output="transformer"`` leaves out of the model: CLIP's ln_post and proj (converted key names)
-UNUSED_BY_TRANSFORMER_OUTPUT = ("vit.encoder.ln.", "proj.")
-
-
-class QuickGELU(nn.Module):
-    """CLIP's activation: x * sigmoid(1.702 x) (not the same function as GELU)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.sigmoid(1.702 * x)
-
-
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
         return False
@@ -79,7 +67,8 @@ def _is_torchscript(path: Path) -> bool:
 
 
 def read_clip_visual(path: str | Path) -> dict[str, torch.Tensor]:
-    """The visual tower's tensors (CLIP key names, no ``visual.`` prefix) from a local checkpoint file."""
+    """The visual tower's tensors from a local checkpoint file: CLIP key names (no ``visual.`` prefix), or
+    timm's own layout (``cls_token``, ``blocks.*``: timm's ``model.safetensors``) as it is."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise MissingFileError(f"CLIP checkpoint not found: {path}. Download e.g. {CLIP_URLS['clip_vit_b_16']} "
@@ -90,7 +79,13 @@ def read_clip_visual(path: str | Path) -> dict[str, torch.Tensor]:
             state = dict(torch.jit.load(str(path), map_location="cpu").state_dict())
     else:
         state = read_state_dict(path, "pretrained weights file")
+    if is_timm_layout(state):
+        return state
     return extract_visual(state, source=str(path))
+
+
+def is_timm_layout(state: dict[str, torch.Tensor]) -> bool:
+    return "cls_token" in state and "patch_embed.proj.weight" in state
 
 
 def extract_visual(state: dict[str, torch.Tensor], source: str = "state dict") -> dict[str, torch.Tensor]:
@@ -112,6 +107,14 @@ def extract_visual(state: dict[str, torch.Tensor], source: str = "state dict") -
 
 
 def spec_from_state(visual: dict[str, torch.Tensor]) -> CLIPSpec:
+    if is_timm_layout(visual):
+        width, _, patch, _ = visual["patch_embed.proj.weight"].shape
+        head = visual.get("head.weight")
+        return CLIPSpec(patch_size=patch, width=width, heads=max(1, width // 64),
+                        layers=1 + max(int(k.split(".")[1]) for k in visual if k.startswith("blocks.")),
+                        mlp_dim=visual["blocks.0.mlp.fc1.weight"].shape[0],
+                        output_dim=None if head is None else head.shape[0],
+                        grid=math.isqrt(visual["pos_embed"].shape[1] - 1))
     width, _, patch, _ = visual["conv1.weight"].shape
     layers = 1 + max(int(k.split(".")[2]) for k in visual if k.startswith("transformer.resblocks."))
     grid = math.isqrt(visual["positional_embedding"].shape[0] - 1)
@@ -121,101 +124,65 @@ def spec_from_state(visual: dict[str, torch.Tensor]) -> CLIPSpec:
                     output_dim=None if proj is None else proj.shape[1], grid=grid)
 
 
-def resize_pos_embedding(pos: torch.Tensor, grid: int) -> torch.Tensor:
-    """[1 + g*g, w] -> [1 + grid*grid, w], bicubic on the patch grid (class position unchanged)."""
-    old = math.isqrt(pos.shape[0] - 1)
-    if old == grid:
-        return pos
-    cells = pos[1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-    cells = F.interpolate(cells.float(), size=(grid, grid), mode="bicubic", align_corners=False)
-    return torch.cat([pos[:1], cells.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(pos.dtype)])
+ACTIVATIONS = ("auto", "quick_gelu", "gelu")
+# timm's CLIP ViT for each activation, and the weights `pretrained: true` downloads for it
+TIMM_CLIP = {"quick_gelu": ("vit_base_patch16_clip_quickgelu_224", "openai"),
+             "gelu": ("vit_base_patch16_clip_224", "laion2b")}
+ACTIVATION_KEY = "irgen.tokenizer.encoder.clip_activation"
 
 
-def convert_clip_visual(visual: dict[str, torch.Tensor], grid: int | None = None) -> dict[str, torch.Tensor]:
-    """CLIP visual keys -> `CLIPViTEncoder` keys (torchvision ViT under ``vit.``, projection under ``proj.``)."""
-    v = {k: t.float() for k, t in visual.items()}
-    spec = spec_from_state(v)
-    pos = resize_pos_embedding(v["positional_embedding"], grid or spec.grid)
-    out = {
-        "vit.conv_proj.weight": v["conv1.weight"],
-        "vit.conv_proj.bias": torch.zeros(spec.width),
-        "vit.class_token": v["class_embedding"].reshape(1, 1, -1),
-        "vit.encoder.pos_embedding": pos[None],
-        "vit.encoder.dropout.weight": v["ln_pre.weight"],
-        "vit.encoder.dropout.bias": v["ln_pre.bias"],
-        "vit.encoder.ln.weight": v["ln_post.weight"],
-        "vit.encoder.ln.bias": v["ln_post.bias"],
-    }
-    names = {"ln_1": "ln_1", "attn.in_proj_weight": "self_attention.in_proj_weight",
-             "attn.in_proj_bias": "self_attention.in_proj_bias", "attn.out_proj": "self_attention.out_proj",
-             "ln_2": "ln_2", "mlp.c_fc": "mlp.0", "mlp.c_proj": "mlp.3"}
-    for i in range(spec.layers):
-        src, dst = f"transformer.resblocks.{i}.", f"vit.encoder.layers.encoder_layer_{i}."
-        for key, tensor in v.items():
-            if not key.startswith(src):
-                continue
-            rest = key[len(src):]
-            for a, b in names.items():
-                if rest == a or rest.startswith(a + "."):
-                    out[dst + b + rest[len(a):]] = tensor
-                    break
-            else:
-                raise ValueError(f"unexpected CLIP tensor {key}")
-    if spec.output_dim is not None:
-        out["proj.weight"] = v["proj"].T.contiguous()
-    return out
+def timm_clip(spec: CLIPSpec, image_size: int, activation: str, output: str) -> nn.Module:
+    """timm's CLIP ViT of `spec` at `image_size`, random weights; its head is CLIP's ``proj`` (projected only)."""
+    import timm
+
+    if image_size % spec.patch_size:
+        raise ValueError(f"image_size {image_size} is not a multiple of the CLIP patch size {spec.patch_size}")
+    name, _ = TIMM_CLIP[activation]
+    head = spec.output_dim if output == "projected" and spec.output_dim else 0
+    model = timm.create_model(name, pretrained=False, img_size=image_size, patch_size=spec.patch_size,
+                              embed_dim=spec.width, depth=spec.layers, num_heads=spec.heads,
+                              mlp_ratio=spec.mlp_dim / spec.width, num_classes=head)
+    if output == "transformer":  # no ln_post (and no head above): the reference's tokens
+        model.norm = nn.Identity()
+    return model
 
 
-class CLIPViTEncoder(ImageEncoder):
-    """CLIP's visual transformer built from torchvision parts; tokens projected to CLIP's embedding space."""
-
-    def __init__(self, spec: CLIPSpec, image_size: int, output: str = "projected") -> None:
-        super().__init__()
-        self.output = output
-        if image_size % spec.patch_size:
-            raise ValueError(f"image_size {image_size} is not a multiple of the CLIP patch size {spec.patch_size}")
-        self.spec = spec
-        self.vit = VisionTransformer(image_size, spec.patch_size, spec.layers, spec.heads, spec.width, spec.mlp_dim,
-                                     norm_layer=nn.LayerNorm)
-        self.vit.encoder.dropout = nn.LayerNorm(spec.width)  # ln_pre sits where torchvision applies dropout
-        for layer in self.vit.encoder.layers:
-            layer.mlp[1] = QuickGELU()
-        self.vit.heads = nn.Identity()
-        if output == "transformer":
-            # the reference's tokens: no ln_post, no projection. They are not built at all: parameters without
-            # gradients stop DDP (find_unused_parameters=False) at its second step
-            self.vit.encoder.ln = nn.Identity()
-            self.proj = nn.Identity()
-        else:
-            self.proj = nn.Identity() if spec.output_dim is None else nn.Linear(spec.width, spec.output_dim,
-                                                                                 bias=False)
-        self.dim = spec.output_dim or spec.width if output == "projected" else spec.width
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.vit._process_input(images)
-        cls = self.vit.class_token.expand(x.shape[0], -1, -1)
-        return self.proj(self.vit.encoder(torch.cat([cls, x], dim=1)))
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        if self.output == "transformer":  # CLIP files and older checkpoints hold the layers this output skips
-            for key in [k for k in state_dict if k.startswith(tuple(prefix + u for u in UNUSED_BY_TRANSFORMER_OUTPUT))]:
-                state_dict.pop(key)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+def file_activation(path: Path, activation: str) -> str:
+    """The activation of the CLIP weights in `path`: as set, or QuickGELU for OpenAI's TorchScript release."""
+    if activation != "auto":
+        return activation
+    if _is_torchscript(path):
+        return "quick_gelu"
+    raise UserInputError(f"{path}: a CLIP state dict whose activation cannot be known (OpenAI's weights use "
+                         f"QuickGELU, open_clip's LAION and DataComp ViT-B/16 GELU; loading one into the other "
+                         f"computes another function). Set {ACTIVATION_KEY}=quick_gelu or gelu")
 
 
-def build_clip_encoder(arch: str, image_size: int = 224, pretrained: bool | str = False,
-                       output: str = "projected") -> CLIPViTEncoder:
-    """``clip_vit_b_16`` (random init or a local file) or ``clip`` (architecture read from the local file)."""
+def build_clip_encoder(arch: str, image_size: int = 224, pretrained: bool | str = False, output: str = "projected",
+                       activation: str = "auto") -> TimmTokens:
+    """``clip_vit_b_16`` (random init, timm's download or a local file) or ``clip`` (the architecture read from
+    the local file)."""
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    if activation not in ACTIVATIONS:
+        raise UserInputError(f"{ACTIVATION_KEY} must be one of {ACTIVATIONS}, got {activation!r}")
     if pretrained is True or pretrained == "true":
-        url = CLIP_URLS.get(arch, CLIP_URLS["clip_vit_b_16"])
-        raise ValueError(f"CLIP weights are never downloaded implicitly: fetch {url} on a machine with network and "
-                         f"set irgen.tokenizer.encoder.pretrained=/path/to/ViT-B-16.pt")
+        if arch not in CLIP_SPECS:
+            raise UserInputError(f"arch={arch} reads its architecture from a local file: set {PRETRAINED_KEY}=/path/"
+                                 f"to/clip.pt (or use clip_vit_b_16)")
+        name, tag = TIMM_CLIP["quick_gelu" if activation == "auto" else activation]
+        head = CLIP_SPECS[arch].output_dim if output == "projected" else 0
+        model = build_timm(f"{name}.{tag}", True, config_key=PRETRAINED_KEY, img_size=image_size, num_classes=head)
+        return TimmTokens(model, project=bool(head), output=output)
     if not pretrained or pretrained == "false":
         if arch not in CLIP_SPECS:
             raise ValueError(f"arch={arch} reads its architecture from the checkpoint: set "
-                             f"irgen.tokenizer.encoder.pretrained=/path/to/clip.pt (or use clip_vit_b_16)")
-        return CLIPViTEncoder(CLIP_SPECS[arch], image_size, output)
-    visual = read_clip_visual(pretrained)
+                             f"{PRETRAINED_KEY}=/path/to/clip.pt (or use clip_vit_b_16)")
+        spec = CLIP_SPECS[arch]
+        model = timm_clip(spec, image_size, "quick_gelu" if activation == "auto" else activation, output)
+        return TimmTokens(model, project=output == "projected" and spec.output_dim is not None, output=output)
+    path = Path(pretrained).expanduser()
+    visual = read_clip_visual(path)
     spec = spec_from_state(visual)
     if arch in CLIP_SPECS:
         want = CLIP_SPECS[arch]
@@ -223,9 +190,13 @@ def build_clip_encoder(arch: str, image_size: int = 224, pretrained: bool | str 
             raise ValueError(f"{pretrained} holds a CLIP ViT with patch {spec.patch_size}, width {spec.width}, "
                              f"{spec.layers} layers, not {arch}; use irgen.tokenizer.encoder.arch=clip to take the "
                              f"file's")
-    encoder = CLIPViTEncoder(spec, image_size, output)
-    state = convert_clip_visual(visual, grid=image_size // spec.patch_size)
-    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    model = timm_clip(spec, image_size, file_activation(path, activation), output)
+    layout = visual if is_timm_layout(visual) else {f"visual.{k}": v for k, v in visual.items()}
+    state = checkpoint_filter_fn({k: v.float() for k, v in layout.items()}, model)
+    if output == "transformer":  # ln_post and proj are not built for the reference's tokens
+        state = {k: v for k, v in state.items() if not k.startswith(("norm.", "head."))}
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{pretrained}: CLIP conversion mismatch, missing {missing[:4]}, unexpected {unexpected[:4]}")
-    return encoder
+        raise ValueError(f"{pretrained}: CLIP weights do not fit timm's model, missing {missing[:4]}, unexpected "
+                         f"{unexpected[:4]}")
+    return TimmTokens(model, project=output == "projected" and spec.output_dim is not None, output=output)

@@ -1,10 +1,11 @@
 """Image encoders shared by both IRGen stages: images -> a sequence of tokens whose first is a global feature.
 
 The tokenizer quantizes the global (class-token) feature; the generator's decoder cross-attends to all tokens.
-Four families: torchvision ``vit_b_16`` (the paper's size), a ``vit_tiny`` built from the same torchvision
-class for small images and tests, ResNets (feature-map cells as tokens, their mean prepended as the global
-token), and ``cnn_small`` (the embedded benchmark's trunk, `irlab.backbones.small_cnn_trunk`).
-Pretrained weights only ever come from torchvision (explicit ``pretrained=true``) or a local file.
+Families: torchvision ``vit_b_16`` (the paper's size), a ``vit_tiny`` built from the same torchvision class for
+small images and tests, ResNets (feature-map cells as tokens, their mean prepended as the global token),
+``cnn_small`` (the embedded benchmark's trunk, `irlab.backbones.small_cnn_trunk`), CLIP (`irgen.clip_weights`)
+and any timm model as ``timm/<name>`` (`irgen.timm_encoder`). Pretrained weights only ever come from the
+library's own download (explicit ``pretrained=true``) or a local file.
 """
 
 from __future__ import annotations
@@ -18,11 +19,9 @@ from torchvision.models.vision_transformer import VisionTransformer
 
 from irgen.clip_weights import build_clip_encoder
 from irgen.encoder_base import ImageEncoder
-from irlab.backbones import RESNETS, SMALL_CNNS, build_torchvision, small_cnn_trunk
+from irgen.timm_encoder import PRETRAINED_KEY, build_timm_encoder
+from irlab.backbones import RESNETS, SMALL_CNNS, TIMM_PREFIX, build_torchvision, small_cnn_trunk
 from irlab.checkpoints import read_state_dict
-
-# the option that sets an IRGen encoder's weights, as users type it (both stages share the tokenizer's encoder)
-PRETRAINED_KEY = "irgen.tokenizer.encoder.pretrained"
 
 
 @dataclass(frozen=True)
@@ -133,20 +132,23 @@ def build_encoder_from_config(encoder: dict) -> ImageEncoder:
 
 
 def build_encoder(arch: str = "vit_b_16", image_size: int = 224, pretrained: bool | str = False,
-                  clip_output: str = "projected") -> ImageEncoder:
+                  clip_output: str = "projected", clip_activation: str = "auto") -> ImageEncoder:
     """The encoder `arch` (its defaults here are the only ones: the classes above take every argument).
 
-    ``clip_output`` (CLIP only): ``projected`` tokens (after CLIP's ``ln_post`` and ``proj``, its embedding
-    space) or ``transformer`` tokens (the last block's output, as the IRGen reference uses them)."""
+    ``clip_output`` (CLIP; for ``timm/<name>``: with or without the final norm): ``projected`` tokens (after
+    CLIP's ``ln_post`` and ``proj``, its embedding space) or ``transformer`` tokens (the last block's output, as
+    the IRGen reference uses them). ``clip_activation`` (CLIP only): `irgen.clip_weights`."""
     if clip_output not in CLIP_OUTPUTS:
         raise ValueError(f"clip_output must be one of {CLIP_OUTPUTS}, got {clip_output!r}")
     if arch == "clip" or arch.startswith("clip_"):  # OpenAI/open_clip visual towers (the IRGen paper's encoder)
-        return build_clip_encoder(arch, image_size, pretrained, output=clip_output)
+        return build_clip_encoder(arch, image_size, pretrained, output=clip_output, activation=clip_activation)
+    if arch.startswith(TIMM_PREFIX):
+        return build_timm_encoder(arch, image_size, pretrained, clip_output)
     if arch in VIT_SPECS:
         return ViTEncoder(arch, image_size, pretrained)
     if arch in RESNETS:
         return ResNetEncoder(arch, pretrained)
     if arch in SMALL_CNNS:
         return SmallCNNEncoder(image_size, pretrained)
-    raise ValueError(f"unknown encoder {arch!r}; choose one of {sorted(VIT_SPECS) + list(RESNETS + SMALL_CNNS)} or "
-                     f"clip_vit_b_16 / clip")
+    raise ValueError(f"unknown encoder {arch!r}; choose one of {sorted(VIT_SPECS) + list(RESNETS + SMALL_CNNS)}, "
+                     f"clip_vit_b_16 / clip or timm/<a timm model name>")

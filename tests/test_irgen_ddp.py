@@ -32,6 +32,7 @@ def test_paper_recipe_trains_both_stages_on_two_ranks_and_shards_encoding(tmp_pa
     proc = subprocess.run(
         [sys.executable, "train.py", "experiment=isc_irgen", "recipe=irgen_paper", "trainer=ddp_cpu", "debug=fast",
          f"paths.data_dir={data}", "irgen.tokenizer.encoder.arch=clip", f"irgen.tokenizer.encoder.pretrained={clip}",
+         "irgen.tokenizer.encoder.clip_activation=quick_gelu",
          "dataset.image_size=32", "dataset.resize_size=32", "dataset.batch_size=4", "dataset.num_workers=0",
          "irgen.generator.width=32", "irgen.generator.layers=1", "irgen.generator.heads=2",
          "irgen.tokenizer.min_points_per_code=1", "torch_threads=1", f"paths.log_dir={logs}",

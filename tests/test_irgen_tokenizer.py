@@ -1,4 +1,4 @@
-"""IRGen tokenizer: residual quantization, codebook guards, training on digits, identifiers, CLIP conversion."""
+"""IRGen tokenizer: residual quantization, codebook guards, training on digits, identifiers, CLIP and timm encoders."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from torch import nn
 
 from callbacks.codebook_usage import usage_summary
 from datamodules.digits import DigitsDataModule
-from irgen.clip_weights import CLIPViTEncoder, convert_clip_visual, spec_from_state
+from datamodules.errors import MissingFileError, UserInputError
+from irgen.clip_weights import spec_from_state
 from irgen.encoders import build_encoder
 from irgen.kmeans import TooFewPointsError, assign, effective_num_codes, reseed_dead_codes
 from irgen.quantizer import ResidualQuantizer
@@ -228,7 +229,7 @@ def test_bad_settings_are_rejected():
         tiny_tokenizer(dm, loss_weights={"rwa": 1.0})
 
 
-# ---- CLIP checkpoint conversion ----------------------------------------------------------------------------
+# ---- CLIP (timm) and timm encoders ----------------------------------------------------------------------------
 def reference_clip_visual(sd: dict[str, torch.Tensor], images: torch.Tensor, projected: bool = True) -> torch.Tensor:
     """CLIP's VisionTransformer.forward written out by hand (OpenAI clip/model.py semantics); ``projected=False``:
     the IRGen reference's modified forward, which returns every token before ``ln_post`` and ``proj``."""
@@ -267,25 +268,8 @@ def _torchscript_archive(state: dict[str, torch.Tensor], path) -> None:
         torch.jit.save(torch.jit.script(root), str(path))
 
 
-def test_clip_conversion_matches_reference_forward(tmp_path):
-    sd = synthetic_clip_visual()
-    images = torch.randn(3, 3, IMAGE, IMAGE)
-    expected = reference_clip_visual(sd, images)
-
-    spec = spec_from_state(sd)
-    assert (spec.width, spec.layers, spec.patch_size, spec.output_dim, spec.grid) == (WIDTH, LAYERS, PATCH, OUT, 4)
-    encoder = CLIPViTEncoder(spec, IMAGE).eval()
-    encoder.load_state_dict(convert_clip_visual(sd), strict=True)
-    with torch.no_grad():
-        assert torch.allclose(encoder.global_feature(images), expected, atol=1e-5)
-    # the reference's tokens (clip_output=transformer): all of them, before ln_post and proj
-    tokens = CLIPViTEncoder(spec, IMAGE, output="transformer").eval()
-    tokens.load_state_dict(convert_clip_visual(sd), strict=True)
-    assert tokens.dim == WIDTH
-    with torch.no_grad():
-        assert torch.allclose(tokens(images), reference_clip_visual(sd, images, projected=False), atol=1e-5)
-
-    # the same through build_encoder, from each file layout a user may have
+def clip_files(tmp_path, sd: dict[str, torch.Tensor]) -> dict[str, object]:
+    """The same synthetic tower in every file layout a user may have."""
     files = {
         "openai_state_dict.pt": {f"visual.{k}": v for k, v in sd.items()} | {"text_projection": torch.zeros(2)},
         "open_clip_training.pt": {"state_dict": {f"module.visual.{k}": v for k, v in sd.items()}},
@@ -293,45 +277,94 @@ def test_clip_conversion_matches_reference_forward(tmp_path):
     for name, content in files.items():
         torch.save(content, tmp_path / name)
     _torchscript_archive({f"visual.{k}": v for k, v in sd.items()}, tmp_path / "ViT-tiny.pt")
-    for name in [*files, "ViT-tiny.pt"]:
-        enc = build_encoder("clip", IMAGE, str(tmp_path / name)).eval()
+    return {name: tmp_path / name for name in [*files, "ViT-tiny.pt"]}
+
+
+def test_timm_clip_computes_clips_forward_from_every_file_layout(tmp_path):
+    """timm's QuickGELU CLIP ViT with a file's weights = CLIP's forward written out by hand (so irlab keeps no
+    conversion of its own); the reference's transformer tokens (no ln_post, no proj) too."""
+    sd = synthetic_clip_visual()
+    images = torch.randn(3, 3, IMAGE, IMAGE)
+    expected = reference_clip_visual(sd, images)
+    spec = spec_from_state(sd)
+    assert (spec.width, spec.layers, spec.patch_size, spec.output_dim, spec.grid) == (WIDTH, LAYERS, PATCH, OUT, 4)
+    for name, path in clip_files(tmp_path, sd).items():
+        # the OpenAI TorchScript release is QuickGELU by itself; a state dict must say which activation it has
+        activation = "auto" if name == "ViT-tiny.pt" else "quick_gelu"
+        enc = build_encoder("clip", IMAGE, str(path), clip_activation=activation).eval()
         with torch.no_grad():
             assert torch.allclose(enc.global_feature(images), expected, atol=1e-5), name
         assert enc.dim == OUT
+    # timm's own weights file (its layout, as the hub has it) gives the same model
+    timm_file = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in enc.model.state_dict().items()}, str(timm_file))
+    again = build_encoder("clip", IMAGE, str(timm_file), clip_activation="quick_gelu").eval()
+    with torch.no_grad():
+        assert torch.allclose(again.global_feature(images), expected, atol=1e-5)
+    tokens = build_encoder("clip", IMAGE, str(tmp_path / "ViT-tiny.pt"), clip_output="transformer").eval()
+    assert tokens.dim == WIDTH
+    assert not any(n.startswith(("model.norm.", "model.head.")) for n, _ in tokens.named_parameters())
+    with torch.no_grad():
+        assert torch.allclose(tokens(images), reference_clip_visual(sd, images, projected=False), atol=1e-5)
 
 
-def test_clip_activation_is_quickgelu_not_gelu():
+def test_clip_activation_is_known_or_the_file_is_refused(tmp_path):
     sd = synthetic_clip_visual()
-    encoder = CLIPViTEncoder(spec_from_state(sd), IMAGE).eval()
-    encoder.load_state_dict(convert_clip_visual(sd))
+    paths = clip_files(tmp_path, sd)
     images = torch.randn(2, 3, IMAGE, IMAGE)
-    for layer in encoder.vit.encoder.layers:
-        layer.mlp[1] = nn.GELU()
-    with torch.no_grad():  # torchvision's stock GELU gives a measurably different function
-        assert not torch.allclose(encoder.global_feature(images), reference_clip_visual(sd, images), atol=1e-4)
+    with pytest.raises(UserInputError, match="irgen.tokenizer.encoder.clip_activation=quick_gelu or gelu"):
+        build_encoder("clip", IMAGE, str(paths["openai_state_dict.pt"]))
+    gelu = build_encoder("clip", IMAGE, str(paths["openai_state_dict.pt"]), clip_activation="gelu").eval()
+    with torch.no_grad():  # GELU weights (open_clip LAION) in a GELU model: another function than QuickGELU's
+        assert not torch.allclose(gelu.global_feature(images), reference_clip_visual(sd, images), atol=1e-4)
 
 
-def test_clip_files_give_clear_errors(tmp_path):
+def test_clip_files_give_clear_errors(tmp_path, monkeypatch):
+    import timm
+
     sd = synthetic_clip_visual()
     torch.save({f"visual.{k}": v for k, v in sd.items()}, tmp_path / "clip.pt")
     with pytest.raises(ValueError, match="arch=clip"):  # a CLIP file given to a torchvision ViT
         build_encoder("vit_tiny", IMAGE, str(tmp_path / "clip.pt"))
     with pytest.raises(ValueError, match="not clip_vit_b_16"):  # a tiny CLIP is not a ViT-B/16
-        build_encoder("clip_vit_b_16", IMAGE, str(tmp_path / "clip.pt"))
+        build_encoder("clip_vit_b_16", IMAGE, str(tmp_path / "clip.pt"), clip_activation="quick_gelu")
     with pytest.raises(FileNotFoundError, match="ViT-B-16.pt"):
         build_encoder("clip_vit_b_16", 224, str(tmp_path / "missing.pt"))
-    with pytest.raises(ValueError, match="never downloaded"):
-        build_encoder("clip_vit_b_16", 224, True)
     torch.save({"encoder.weight": torch.zeros(2)}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a CLIP ViT checkpoint"):
         build_encoder("clip", IMAGE, str(tmp_path / "other.pt"))
 
+    def offline(name, pretrained=False, **kwargs):
+        if pretrained and "pretrained_cfg_overlay" not in kwargs:
+            raise OSError("no network")
+        return real(name, pretrained=pretrained, **kwargs)
 
-def test_clip_positional_embedding_is_resized_for_other_image_sizes():
-    sd = synthetic_clip_visual()
-    encoder = CLIPViTEncoder(spec_from_state(sd), 2 * IMAGE)
-    encoder.load_state_dict(convert_clip_visual(sd, grid=2 * IMAGE // PATCH))
+    real = timm.create_model
+    monkeypatch.setattr(timm, "create_model", offline)  # pretrained=true: timm's download, which fails here
+    # (timm's QuickGELU and GELU OpenAI models share one weights repository on the hub)
+    with pytest.raises(MissingFileError, match=r"vit_base_patch16_clip_quickgelu_224\.openai.*huggingface.co/timm/"
+                                               r"vit_base_patch16_clip_224\.openai.*set irgen\.tokenizer\.encoder\."
+                                               r"pretrained="):
+        build_encoder("clip_vit_b_16", 224, True)
+
+
+def test_clip_positional_embedding_is_resized_for_other_image_sizes(tmp_path):
+    path = clip_files(tmp_path, synthetic_clip_visual())["ViT-tiny.pt"]
+    encoder = build_encoder("clip", 2 * IMAGE, str(path))
     assert encoder(torch.randn(1, 3, 2 * IMAGE, 2 * IMAGE)).shape == (1, (2 * IMAGE // PATCH) ** 2 + 1, OUT)
+
+
+@pytest.mark.parametrize(("arch", "tokens"), [("timm/resnet18", 1 + 1), ("timm/vit_tiny_patch16_224", 1 + 4)])
+def test_any_timm_model_is_an_encoder_with_its_global_token_first(arch, tokens):
+    encoder = build_encoder(arch, 32).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = encoder(images)
+    assert out.shape == (2, tokens, encoder.dim)
+    if arch == "timm/resnet18":  # a CNN: the map's mean first, then its cells (one 1x1 cell at 32 px)
+        assert torch.allclose(out[:, 0], out[:, 1:].mean(dim=1))
 
 
 def test_small_cnn_encoder_tokens_and_refuses_pretrained():
