@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from areir.meta_classes import build_assignment, count_collisions, is_balanced
 from areir.model import AREIRNet, AREIRNetConfig, count_parameters
+from irlab.losses import head_accuracy
 from irlab.module import RetrievalModule
 from irlab.optim import module_optimization
 from irlab.plain import to_plain
@@ -59,6 +60,7 @@ class AREIRModule(RetrievalModule):
         self.net = AREIRNet(AREIRNetConfig(arch, members, meta_classes, with_se, pretrained, member_impl,
                                            random_weighting, checkpoint_members, pool_grid))
         self.log_assignment("seeded")
+        self.meta_accuracy = head_accuracy(meta_classes)
         log.info(f"AREIR {arch}{'+SE' if with_se else ''} E={members} M={meta_classes} impl={member_impl}: "
                  f"{count_parameters(self.net):,} parameters")
 
@@ -121,9 +123,9 @@ class AREIRModule(RetrievalModule):
         logits = self(batch["image"]).float()  # [B, E, M]
         targets = self.meta_labels[:, batch["label"]].T  # [B, E]
         loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1))  # = mean over members of member CE
-        accuracy = (logits.argmax(-1) == targets).float().mean()
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/meta_acc", accuracy)
+        self.meta_accuracy(logits.detach().flatten(0, 1), targets.reshape(-1))  # every member's meta-class head
+        self.log("train/meta_acc", self.meta_accuracy, on_step=False, on_epoch=True)
         return loss
 
     def configure_optimizers(self):

@@ -28,7 +28,7 @@ from irgen.kmeans import check_enough_points
 from irgen.quantizer import Quantized, ResidualQuantizer
 from irlab.code_usage import codes_perplexity
 from irlab.inference import map_dataset_sharded
-from irlab.losses import LinearSoftmaxLoss, NormalizedSoftmaxLoss
+from irlab.losses import LinearSoftmaxLoss, NormalizedSoftmaxLoss, class_logits, head_accuracy
 from irlab.module import RetrievalModule, is_last_epoch
 from irlab.optim import module_optimization
 from irlab.plain import to_plain
@@ -91,6 +91,7 @@ class IRGenTokenizer(RetrievalModule):
         else:  # the reference's: a linear head for the raw feature, another shared by the reconstructions
             self.classifier = LinearSoftmaxLoss(num_classes, dim)
             self.partial_classifier = LinearSoftmaxLoss(num_classes, dim)
+        self.train_accuracy = head_accuracy(num_classes)  # the raw feature's classifier, per epoch
         self.loss_weights = loss_weights
         self._refit_epoch = -1
         # codebook usage of the last evaluation (`code_usage`), what `callbacks.codebook_usage` draws
@@ -128,6 +129,9 @@ class IRGenTokenizer(RetrievalModule):
         # it had been applied to z itself
         partial_st = z[:, None] + (q.partials - z[:, None]).detach()
         loss_raw = self.classifier(z, labels)
+        with torch.no_grad():
+            self.train_accuracy(class_logits(self.classifier, z.detach()), labels)
+        self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)
         partial_head = self.partial_classifier or self.classifier
         per_level = torch.stack([partial_head(partial_st[:, d], labels)
                                  for d in range(self.quantizer.num_levels)])

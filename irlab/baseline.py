@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from irlab.backbones import build_trunk
+from irlab.losses import class_logits, head_accuracy
 from irlab.metric_losses import build_metric_loss
 from irlab.module import RetrievalModule
 from irlab.optim import module_optimization
@@ -43,13 +44,21 @@ class EmbeddingBaseline(RetrievalModule):
         metric_loss = build_metric_loss(loss, num_classes, embedding_dim)
         self.loss, self.miner, self.loss_lr_scale = metric_loss.criterion, metric_loss.miner, metric_loss.lr_scale
         self._metric_loss = metric_loss
+        # classification losses: the head's training accuracy per epoch (torchmetrics, DDP-synchronised)
+        has_head = hasattr(self.loss, "logits") or hasattr(self.loss, "get_logits")
+        self.train_accuracy = head_accuracy(num_classes) if has_head else None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.trunk(images))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self._metric_loss(self.embed(batch["image"]), batch["label"])
+        embeddings = self.embed(batch["image"])
+        loss = self._metric_loss(embeddings, batch["label"])
         self.log("train/loss", loss, prog_bar=True)
+        if self.train_accuracy is not None:
+            with torch.no_grad():
+                self.train_accuracy(class_logits(self.loss, embeddings.detach()), batch["label"])
+            self.log("train/accuracy", self.train_accuracy, on_step=False, on_epoch=True)
         return loss
 
     def configure_optimizers(self):

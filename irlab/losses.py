@@ -1,11 +1,13 @@
 """Classification losses of the embedding models, in one place: normalized softmax (the baseline's and the
-IRGen tokenizer's cosine head) and the IRGen reference tokenizer's plain linear softmax."""
+IRGen tokenizer's cosine head) and the IRGen reference tokenizer's plain linear softmax. Both expose their
+``logits`` (what `head_accuracy` counts)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 
 class NormalizedSoftmaxLoss(nn.Module):
@@ -16,9 +18,11 @@ class NormalizedSoftmaxLoss(nn.Module):
         self.proxies = nn.Parameter(torch.randn(num_classes, dim) / dim**0.5)
         self.temperature = temperature
 
+    def logits(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return F.normalize(embeddings, dim=-1) @ F.normalize(self.proxies, dim=-1).T / self.temperature
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = F.normalize(embeddings, dim=-1) @ F.normalize(self.proxies, dim=-1).T
-        return F.cross_entropy(logits / self.temperature, labels)
+        return F.cross_entropy(self.logits(embeddings), labels)
 
 
 class LinearSoftmaxLoss(nn.Module):
@@ -28,5 +32,24 @@ class LinearSoftmaxLoss(nn.Module):
         super().__init__()
         self.fc = nn.Linear(dim, num_classes)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fc(features)
+
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.fc(features), labels)
+        return F.cross_entropy(self.logits(features), labels)
+
+
+def class_logits(criterion: nn.Module, embeddings: torch.Tensor) -> torch.Tensor | None:
+    """A classification loss's logits over the training classes (irlab's ``logits``, PML's ``get_logits`` for
+    its cosine-classifier losses: NormalizedSoftmax, ArcFace, CosFace, ...); None for pair and proxy losses."""
+    if hasattr(criterion, "logits"):
+        return criterion.logits(embeddings)
+    if hasattr(criterion, "get_logits"):
+        return criterion.get_logits(embeddings)
+    return None
+
+
+def head_accuracy(num_classes: int) -> MulticlassAccuracy:
+    """Training accuracy of a classifier head, accumulated over the epoch and synchronised across DDP ranks by
+    torchmetrics when logged (``self.log(name, metric, on_epoch=True)``)."""
+    return MulticlassAccuracy(num_classes=num_classes, average="micro")
