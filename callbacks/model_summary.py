@@ -14,8 +14,8 @@ FLOPS_COLUMN = "FLOPs"
 class ModelSummaryTable(RichModelSummary):
     @staticmethod
     def summarize(summary_data: list[tuple[str, list[str]]], total_parameters: int, trainable_parameters: int,
-                  model_size: float, total_training_modes: dict[str, int], total_flops: int,
-                  **summarize_kwargs: Any) -> None:
+                  model_size: float, total_training_modes: dict[str, int], total_flops: int = 0,
+                  **summarize_kwargs: Any) -> None:  # total_flops: Lightning >= 2.6 only
         if total_flops:
             RichModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
                                        total_training_modes, total_flops, **summarize_kwargs)
