@@ -87,6 +87,8 @@ VALIDATION_ROWS = ("generative", "all")
 
 class IRGenGenerator(RetrievalModule):
     ranks_by_exact_knn = False  # its own ranking is beam search; the ANN rows compare with its kNN row
+    index_kind = "identifiers"  # a saved index holds the gallery's identifiers; search is beam search
+
     def __init__(
         self,
         code_depth: int | None = None,

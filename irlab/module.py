@@ -77,6 +77,8 @@ class RetrievalModule(L.LightningModule):
 
     # ---- retrieval for arbitrary queries (eval.py query=...: irlab.query) ------------------------------
     score_name = "cosine similarity"
+    # what a saved index keeps (irlab.saved_index): "embedding" (searched with faiss) or "identifiers" (IRGen)
+    index_kind = "embedding"
 
     def index_gallery(self, loader, record_ids: np.ndarray | None = None) -> torch.Tensor:
         """What `search` ranks: the L2-normalised embeddings of every image of `loader` (in its order).

@@ -1,4 +1,6 @@
-"""`python eval.py ckpt_path=<checkpoint> query=<image | folder | dataset record>`: the top-K of any query.
+"""`python eval.py ckpt_path=<checkpoint> query=<image | folder | dataset record>`: the top-K of any query, against
+the dataset's test gallery or ``gallery=<folder>`` embedded now, or against a saved index (``index=<dir>``, built
+by `index.py`: only the queries are embedded; `irlab.saved_index`).
 
 Works for every method's checkpoint: the method's ``load`` function (`irlab.methods`) rebuilds the model, and the
 model ranks through its own `index_gallery` / `search` (embedding models: cosine kNN; the IRGen generator:
@@ -23,22 +25,23 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from datamodules.base import RetrievalDataModule, open_rgb
 from datamodules.errors import MissingFileError
 from datamodules.paths import expand_path
+from irlab.gallery import GalleryItem, ItemImages, image_files, item_image
 from irlab.method import ModelLoader
 from irlab.retrieval import plot_retrieval_grid
+from irlab.saved_index import SavedIndex
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 MAX_GRID_ROWS = 16  # a folder of queries: every ranking is printed and saved, the first rows are drawn
 
 
 @dataclass
 class Gallery:
-    loader: DataLoader  # the gallery images, eval transform, in row order
+    loader: DataLoader | None  # the gallery images, eval transform, in row order (None: a saved index)
     names: list[str]  # printed for each row (file or record path)
     image: Callable[[int], Image.Image]  # row -> the image as stored (for the grid)
     labels: np.ndarray | None = None  # None: labels unknown (a folder)
@@ -61,24 +64,6 @@ class Hits:
     correct: np.ndarray | None  # None when the query's or the gallery's labels are unknown
 
 
-def image_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise MissingFileError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
-    return files
-
-
-class FolderImages(Dataset):
-    def __init__(self, files: list[Path], transform) -> None:
-        self.files, self.transform = files, transform
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.transform(open_rgb(self.files[i])), "index": i}
-
-
 def dataset_gallery(dm: RetrievalDataModule) -> Gallery:
     """The test split's gallery (what `eval.py` scores against)."""
     test = dm.eval_set("test")
@@ -88,9 +73,15 @@ def dataset_gallery(dm: RetrievalDataModule) -> Gallery:
 
 
 def folder_gallery(folder: Path, dm: RetrievalDataModule) -> Gallery:
-    files = image_files(folder)
-    return Gallery(dm.inference_loader(FolderImages(files, dm.eval_transform())), [str(f) for f in files],
-                   lambda row: open_rgb(files[row]))
+    items = [GalleryItem(str(f)) for f in image_files(folder)]
+    return Gallery(dm.inference_loader(ItemImages(items, dm, dm.eval_transform())), [i.name for i in items],
+                   lambda row: open_rgb(items[row].name))
+
+
+def saved_gallery(index: SavedIndex, dm: RetrievalDataModule) -> Gallery:
+    """The gallery of a saved index: its rows, read only when drawn (no loader: nothing is embedded again)."""
+    return Gallery(None, [r.name for r in index.rows], lambda row: item_image(index.rows[row], dm), index.labels,
+                   index.record_ids)
 
 
 def read_queries(query: str, dm: RetrievalDataModule) -> list[Query]:
@@ -115,17 +106,27 @@ def read_queries(query: str, dm: RetrievalDataModule) -> list[Query]:
     return queries
 
 
-def retrieve(model, gallery: Gallery, queries: list[Query], top_k: int, transform, batch_size: int) -> list[Hits]:
+Search = Callable[[torch.Tensor, int], tuple[np.ndarray, np.ndarray]]  # (images, k) -> (rows, scores), -1 padded
+
+
+def in_memory_search(model, gallery: Gallery) -> Search:
+    """Embed (or, for IRGen, index) the whole gallery now and search it with the model: what `eval.py query=`
+    does without a saved index."""
+    index = model.index_gallery(gallery.loader, gallery.record_ids)
+    return lambda images, k: model.search(index, images, k)
+
+
+def retrieve(search: Search, gallery: Gallery, queries: list[Query], top_k: int, transform,
+             batch_size: int) -> list[Hits]:
     """Each query's top-`top_k` gallery rows (a dataset query never retrieves itself)."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    index = model.index_gallery(gallery.loader, gallery.record_ids)
     row_of_record = {} if gallery.record_ids is None else {int(r): i for i, r in enumerate(gallery.record_ids)}
     hits = []
     for start in range(0, len(queries), batch_size):
         chunk = queries[start:start + batch_size]
         images = torch.stack([transform(q.image) for q in chunk])
-        rows, scores = model.search(index, images, top_k + 1)
+        rows, scores = search(images, top_k + 1)
         for q, r, s in zip(chunk, rows, scores, strict=True):
             keep = (r >= 0) & (r != row_of_record.get(q.record_id, -2))
             r, s = r[keep][:top_k], s[keep][:top_k]
@@ -165,7 +166,21 @@ def query_checkpoint(cfg: DictConfig, datamodule: RetrievalDataModule, load: Mod
     model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     gallery = folder_gallery(expand_path(cfg.gallery), datamodule) if cfg.gallery else \
         dataset_gallery(datamodule)
+    return answer(cfg, datamodule, in_memory_search(model, gallery), gallery, model.score_name)
+
+
+def query_saved_index(cfg: DictConfig, datamodule: RetrievalDataModule, load: ModelLoader) -> dict[str, float]:
+    """`eval.py index=<dir> query=...`: embed only the queries and search the saved index (`irlab.saved_index`),
+    after checking that it was built with this checkpoint and transform."""
+    index = SavedIndex.load(cfg.index)
+    model, ckpt = load(cfg, datamodule)
+    index.check(ckpt, datamodule)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return answer(cfg, datamodule, index.searcher(model), saved_gallery(index, datamodule), model.score_name)
+
+
+def answer(cfg: DictConfig, datamodule: RetrievalDataModule, search: Search, gallery: Gallery,
+           score_name: str) -> dict[str, float]:
     queries = read_queries(str(cfg.query), datamodule)
-    hits = retrieve(model, gallery, queries, int(cfg.top_k), datamodule.eval_transform(),
-                    datamodule.eval_batch_size)
-    return report(hits, gallery, model.score_name, Path(cfg.paths.output_dir))
+    hits = retrieve(search, gallery, queries, int(cfg.top_k), datamodule.eval_transform(), datamodule.eval_batch_size)
+    return report(hits, gallery, score_name, Path(cfg.paths.output_dir))

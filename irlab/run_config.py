@@ -93,7 +93,7 @@ def with_checkpoint_run_config(cfg, config_name: str = "eval"):
 
     from datamodules.paths import expand_path
 
-    ckpt = cfg.get("ckpt_path")
+    ckpt = None if OmegaConf.is_missing(cfg, "ckpt_path") else cfg.get("ckpt_path")
     typed = list(HydraConfig.get().overrides.task)
     if not ckpt or any(o.startswith(CHOOSES) for o in typed) or not expand_path(str(ckpt)).is_file():
         return cfg
@@ -101,4 +101,18 @@ def with_checkpoint_run_config(cfg, config_name: str = "eval"):
     if not saved:
         return cfg
     logging.getLogger(__name__).info(f"evaluating with the overrides of the run that wrote {ckpt}: {saved}")
-    return compose(config_name=config_name, overrides=[*saved, *typed])
+    given = [] if any(o.startswith("ckpt_path=") for o in typed) else [f"ckpt_path={ckpt}"]  # from an index
+    return compose(config_name=config_name, overrides=[*saved, *typed, *given])
+
+
+def with_index_checkpoint(cfg):
+    """``index=<dir>`` without ``ckpt_path``: the checkpoint named by the index's manifest."""
+    from omegaconf import OmegaConf, open_dict
+
+    if not cfg.get("index") or not OmegaConf.is_missing(cfg, "ckpt_path"):
+        return cfg
+    from irlab.saved_index import read_manifest
+
+    with open_dict(cfg):
+        cfg.ckpt_path = read_manifest(cfg.index)["checkpoint"]
+    return cfg

@@ -1,8 +1,9 @@
-"""What `train.py` and `eval.py` run, from start to end, for every method: the run is seeded, its datamodule
-built and its result written (``metrics.json``) and printed here, once; in between the method
-(`irlab.methods`, chosen by ``method.name``) trains or evaluates, or `irlab.query` ranks the gallery for
-query images. A train action always calls the method's ``train`` and an evaluate action its ``evaluate``, so an
-experiment cannot turn an evaluation into a training run.
+"""What `train.py`, `eval.py`, `index.py` and `export.py` run, from start to end, for every method: the run is
+seeded, its datamodule built and its result written (``metrics.json``) and printed here, once; in between the
+method (`irlab.methods`, chosen by ``method.name``) trains or evaluates, `irlab.query` ranks a gallery for
+query images (in memory, or a saved index), or the trained model is saved as an index (`irlab.saved_index`) or
+an export (`irlab.export`). A train action always calls the method's ``train`` and an evaluate action its
+``evaluate``, so an experiment cannot turn an evaluation into a training run.
 """
 
 from __future__ import annotations
@@ -16,14 +17,17 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
 from irlab.builders import build_datamodule
+from irlab.export import export_model
 from irlab.method import RunReport
 from irlab.methods import method_named
 from irlab.provenance import run_provenance, start_clock
-from irlab.query import query_checkpoint
+from irlab.query import query_checkpoint, query_saved_index
 from irlab.reporting import print_metrics, write_metrics
+from irlab.saved_index import build_saved_index
+from irlab.serve import serve_index
 
 log = logging.getLogger(__name__)
-ACTIONS = ("train", "evaluate")
+ACTIONS = ("train", "evaluate", "index", "export", "serve")
 
 
 def run(cfg: DictConfig, action: str = "train") -> dict[str, float]:
@@ -40,8 +44,17 @@ def run(cfg: DictConfig, action: str = "train") -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)
     log.info(f"data: {datamodule.describe()}")
-    if action == "evaluate" and cfg.query:  # conf/eval.yaml
-        metrics = query_checkpoint(cfg, datamodule, method.load)
+    if action == "serve":  # serve.py: until interrupted
+        serve_index(cfg, datamodule, method.load)
+        return {}
+    if action in ("index", "export"):  # index.py, export.py: the method's trained model, saved for use elsewhere
+        model, ckpt = method.load(cfg, datamodule)
+        save = build_saved_index if action == "index" else export_model
+        print(f"{action}: {save(cfg, datamodule, model, ckpt)}", flush=True)
+        metrics = {}
+    elif action == "evaluate" and cfg.query:  # conf/eval.yaml
+        metrics = query_saved_index(cfg, datamodule, method.load) if cfg.index else \
+            query_checkpoint(cfg, datamodule, method.load)
     else:
         if action == "train" and datamodule.split.val_is_test:
             log.warning("no validation split (dataset.val_fraction=0): validation reports the TEST set, so "

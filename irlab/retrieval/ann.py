@@ -65,8 +65,10 @@ def _setting(settings: Mapping, key: str, auto: int) -> int:
     return auto if value == AUTO else int(value)
 
 
-def build_index(name: str, settings: Mapping, gallery: np.ndarray) -> tuple[faiss.Index, dict[str, int]]:
-    """The trained, filled index `name` over the gallery rows, and the parameters it was built with."""
+def build_index(name: str, settings: Mapping, gallery: np.ndarray, train_points: int | None = None,
+                seed: int = 0) -> tuple[faiss.Index, dict[str, int]]:
+    """The trained, filled index `name` over the gallery rows, and the parameters it was built with. IVF indexes
+    train on at most `train_points` rows (a seeded sample; all rows when None)."""
     n, d = gallery.shape
     if name == "hnsw":
         m = _setting(settings, "m", 32)
@@ -88,7 +90,10 @@ def build_index(name: str, settings: Mapping, gallery: np.ndarray) -> tuple[fais
             raise UserInputError(f"evaluation.ivfpq.m={m} must divide the embedding dimension {d}")
         index = faiss.IndexIVFPQ(quantizer, d, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
         used.update(m=m, nbits=nbits)
-    index.train(gallery)
+    sample = gallery
+    if train_points is not None and n > train_points:
+        sample = gallery[np.sort(np.random.default_rng(seed).choice(n, train_points, replace=False))]
+    index.train(sample)
     index.add(gallery)
     index.nprobe = used["nprobe"]
     return index, used
