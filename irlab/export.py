@@ -96,8 +96,13 @@ def export_onnx(wrapper: nn.Module, samples: torch.Tensor, path: Path) -> np.nda
 
 
 def export_torchscript(wrapper: nn.Module, samples: torch.Tensor, path: Path) -> np.ndarray:
+    def embed(images: torch.Tensor) -> torch.Tensor:  # a function: tracing a LightningModule reads its trainer
+        return wrapper(images)
+
+    wrapper.requires_grad_(False)  # the weights become the traced function's constants
+
     with torch.no_grad():
-        traced = torch.jit.trace(wrapper, samples[:2])
+        traced = torch.jit.trace(embed, samples[:2])
     traced.save(str(path))
     loaded = torch.jit.load(str(path))
     with torch.no_grad():

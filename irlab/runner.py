@@ -23,6 +23,7 @@ from irlab.methods import method_named
 from irlab.provenance import run_provenance, start_clock
 from irlab.query import query_checkpoint, query_saved_index
 from irlab.reporting import print_metrics, write_metrics
+from irlab.run_config import with_index_checkpoint
 from irlab.saved_index import build_saved_index
 from irlab.serve import serve_index
 
@@ -40,6 +41,7 @@ def run(cfg: DictConfig, action: str = "train") -> dict[str, float]:
         torch.set_num_threads(int(cfg.torch_threads))
     output_dir = Path(cfg.paths.output_dir)
     log.info(f"run folder: {output_dir}")
+    cfg = with_index_checkpoint(cfg)  # index=<dir> without ckpt_path: the index's checkpoint
     method = method_named(cfg.method.name)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)

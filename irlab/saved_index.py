@@ -219,8 +219,8 @@ def embed_in_chunks(model, dm: RetrievalDataModule, items: list[GalleryItem], ou
             vectors.append(saved["vectors"])
         rows += [item for i, item in enumerate(part) if i in positions]
         unreadable += [item.name for i, item in enumerate(part) if i not in positions]
-    width = vectors[0].shape[1] if vectors else 0
-    return rows, np.concatenate(vectors) if vectors else np.zeros((0, width), np.float32), unreadable
+    vectors = [v for v in vectors if len(v)]  # a chunk of unreadable images only has none
+    return rows, np.concatenate(vectors) if vectors else np.zeros((0, 0), np.float32), unreadable
 
 
 def embed_items(model, dm: RetrievalDataModule, items: list[GalleryItem], device: str

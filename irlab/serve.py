@@ -1,6 +1,7 @@
 """`python serve.py index=<dir> [port=8000]`: a small HTTP service to look at retrieval with a saved index.
 
-* ``GET /`` -- a plain HTML page: pick or drop an image, see it and its neighbours as thumbnails with scores;
+* ``GET /`` -- a plain HTML page: pick or drop an image, see it and its neighbours as thumbnails with scores
+  (``/?row=<n>`` searches with gallery row n);
 * ``POST /search`` -- multipart form field ``file`` (an image; ``top_k`` optional) -> JSON
   ``{"score": ..., "results": [{"rank", "row", "name", "score", "label"}]}``;
 * ``GET /image/<row>`` -- a gallery row's image as a JPEG thumbnail: only rows of the index are ever read, so no
@@ -77,6 +78,11 @@ document.getElementById("file").addEventListener("change", (e) => search(e.targe
 const drop = document.getElementById("drop");
 drop.addEventListener("dragover", (e) => e.preventDefault());
 drop.addEventListener("drop", (e) => { e.preventDefault(); search(e.dataTransfer.files[0]); });
+// /?row=<n>: search with gallery row n as the query (a link to share, and how the page is tested headless)
+const row = new URLSearchParams(window.location.search).get("row");
+if (row !== null) {
+  fetch("/image/" + row).then((r) => r.blob()).then((blob) => search(new File([blob], "row-" + row + ".jpg")));
+}
 </script>
 </body></html>
 """
@@ -127,7 +133,7 @@ def read_upload(handler: BaseHTTPRequestHandler, limit: int) -> tuple[bytes, dic
         if name == "file":
             data = part.get_payload(decode=True)
         elif name:
-            fields[name] = part.get_content().strip()
+            fields[name] = (part.get_payload(decode=True) or b"").decode(errors="replace").strip()
     if not data:
         raise BadRequest(HTTPStatus.BAD_REQUEST, "no image in form field 'file'")
     return data, fields
