@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-ASSIGNMENTS = ("random", "collision_free")
+ASSIGNMENTS = ("random", "collision_free", "identity")
 
 
 def _check_sizes(num_classes: int, num_groups: int, num_members: int) -> None:
@@ -134,4 +134,9 @@ def build_assignment(method: str, num_classes: int, num_groups: int, num_members
         return random_assignment(num_classes, num_groups, num_members, seed)
     if method == "collision_free":
         return collision_free_assignment(num_classes, num_groups, num_members, seed)
+    if method == "identity":  # the control: every member classifies every training class (no meta-classes)
+        if num_groups != num_classes:
+            raise ValueError(f"model.assignment=identity: every member classifies all {num_classes} training classes, "
+                             f"so model.meta_classes must be {num_classes}, not {num_groups}")
+        return np.tile(np.arange(num_classes), (num_members, 1))
     raise ValueError(f"model.assignment must be one of {ASSIGNMENTS}, got {method!r}")

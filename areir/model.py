@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from areir.layers import EnsembleMembers, checkpoint_once, default_linear_init, out_channels, split_members
-from areir.small_members import STEM_WIDTHS, SmallCNNMembers, small_stem
+from areir.small_members import MEMBER_WIDTH, STEM_WIDTHS, SmallCNNMembers, small_stem
 from irlab.backbones import build_torchvision
 
 RESNET_ARCHS = ("resnet18", "resnet34", "resnet50", "resnext50_32x4d")
@@ -56,6 +56,7 @@ class AREIRNetConfig:
     random_weighting: bool = False
     checkpoint_members: bool = False
     pool_grid: int = 1
+    member_width: int | None = None  # cnn_small members' channels (None: the baseline trunk's 128)
 
 
 class AREIRNet(nn.Module):
@@ -81,9 +82,11 @@ class AREIRNet(nn.Module):
             if pool_grid != 1:
                 raise ValueError("model.pool_grid applies to ResNet members; cnn_small members max-pool to 4x4")
             self.stem, self.stem_channels = small_stem(), STEM_WIDTHS[-1]
-            self.members = SmallCNNMembers(members, meta_classes, with_se)
+            self.members = SmallCNNMembers(members, meta_classes, with_se, config.member_width or MEMBER_WIDTH)
             self.members.reset_parameters()
             return
+        if config.member_width is not None:
+            raise ValueError("model.member_width applies to cnn_small members; ResNet members keep torchvision's widths")
         template = build_template(arch, pretrained)
         self.stem = nn.Sequential(template.conv1, template.bn1, template.relu, template.maxpool, template.layer1)
         self.stem_channels = out_channels(template.layer1)

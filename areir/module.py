@@ -23,6 +23,9 @@ from irlab.optim import module_optimization
 from irlab.plain import to_plain
 
 log = logging.getLogger(__name__)
+# cross_entropy: raw member logits (the NormSoftmax reference); normalized: s * unit logits vs one-hot targets, the
+# loss of the randomized-ensembles 2018 code (cosine to fixed one-hot proxies, scale `loss_scale`)
+MEMBER_LOSSES = ("cross_entropy", "normalized")
 
 
 class AREIRModule(RetrievalModule):
@@ -42,6 +45,9 @@ class AREIRModule(RetrievalModule):
         random_weighting: bool = AREIRNetConfig.random_weighting,
         checkpoint_members: bool = AREIRNetConfig.checkpoint_members,
         pool_grid: int = AREIRNetConfig.pool_grid,
+        member_width: int | None = AREIRNetConfig.member_width,
+        member_loss: str = "cross_entropy",
+        loss_scale: float = 16.0,
         channels_last: bool = False,
         optimizer: Mapping | None = None,
         scheduler: Mapping | None = None,
@@ -57,8 +63,10 @@ class AREIRModule(RetrievalModule):
         labels = build_assignment(assignment, num_classes, meta_classes, members, assignment_seed)
         self.register_buffer("meta_labels", torch.as_tensor(labels, dtype=torch.long))
         self._register_load_state_dict_pre_hook(self._check_loaded_assignment)
+        if member_loss not in MEMBER_LOSSES:
+            raise ValueError(f"model.member_loss must be one of {MEMBER_LOSSES}, got {member_loss!r}")
         self.net = AREIRNet(AREIRNetConfig(arch, members, meta_classes, with_se, pretrained, member_impl,
-                                           random_weighting, checkpoint_members, pool_grid))
+                                           random_weighting, checkpoint_members, pool_grid, member_width))
         self.log_assignment("seeded")
         self.meta_accuracy = head_accuracy(meta_classes)
         log.info(f"AREIR {arch}{'+SE' if with_se else ''} E={members} M={meta_classes} impl={member_impl}: "
@@ -122,6 +130,8 @@ class AREIRModule(RetrievalModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logits = self(batch["image"]).float()  # [B, E, M]
         targets = self.meta_labels[:, batch["label"]].T  # [B, E]
+        if self.hparams.member_loss == "normalized":  # the 2018 code: unit outputs against fixed one-hot targets
+            logits = self.hparams.loss_scale * F.normalize(logits, dim=-1)
         loss = F.cross_entropy(logits.flatten(0, 1), targets.reshape(-1))  # = mean over members of member CE
         self.log("train/loss", loss, prog_bar=True)
         self.meta_accuracy(logits.detach().flatten(0, 1), targets.reshape(-1))  # every member's meta-class head

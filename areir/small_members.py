@@ -31,7 +31,7 @@ from areir.layers import (
 )
 
 STEM_WIDTHS = (32, 32, 64, 64)  # small_cnn_trunk's first four layers, a 2x2 max pooling after the 2nd and 4th
-MEMBER_WIDTHS = (128, 128)
+MEMBER_WIDTH = 128  # the baseline trunk's last two layers; model.member_width makes members thinner or wider
 POOL = 4  # small_cnn_trunk's AdaptiveMaxPool2d(4)
 
 
@@ -61,13 +61,13 @@ class EnsembleConvBN(nn.Module):
 class SmallCNNMembers(nn.Module):
     """The E branches: two conv-BN-ReLU layers (SE after the first), 4x4 max pooling, meta-class classifier."""
 
-    def __init__(self, members: int, meta_classes: int, with_se: bool) -> None:
+    def __init__(self, members: int, meta_classes: int, with_se: bool, width: int = MEMBER_WIDTH) -> None:
         super().__init__()
         self.members = members
-        self.block1 = EnsembleConvBN(STEM_WIDTHS[-1], MEMBER_WIDTHS[0], members)
-        self.se = EnsembleSE(MEMBER_WIDTHS[0], members) if with_se else None
-        self.block2 = EnsembleConvBN(MEMBER_WIDTHS[0], MEMBER_WIDTHS[1], members)
-        self.fc = EnsembleLinear(MEMBER_WIDTHS[1] * POOL * POOL, meta_classes, members)
+        self.block1 = EnsembleConvBN(STEM_WIDTHS[-1], width, members)
+        self.se = EnsembleSE(width, members) if with_se else None
+        self.block2 = EnsembleConvBN(width, width, members)
+        self.fc = EnsembleLinear(width * POOL * POOL, meta_classes, members)
 
     def blocks(self) -> Iterator[tuple[str, nn.Module]]:
         yield "block1", self.block1

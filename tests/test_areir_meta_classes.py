@@ -82,3 +82,12 @@ def test_impossible_requests_raise() -> None:
         random_assignment(5, 6, 2, seed=0)
     with pytest.raises(ValueError, match="assignment must be one of"):
         build_assignment("nearest", 10, 2, 2, 0)
+
+
+def test_identity_assignment_is_every_member_classifying_every_class():
+    from areir.meta_classes import build_assignment
+
+    labels = build_assignment("identity", 6, 6, 3, seed=0)
+    assert labels.shape == (3, 6) and (labels == np.arange(6)).all()
+    with pytest.raises(ValueError, match="meta_classes must be 6"):
+        build_assignment("identity", 6, 4, 3, seed=0)

@@ -189,3 +189,15 @@ def test_grouped_equals_loop_on_gpu_bf16() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outs[impl] = net(images).float()
     torch.testing.assert_close(outs["grouped"], outs["loop"], atol=5e-2, rtol=5e-2)
+
+
+def test_member_width_sets_the_cnn_small_members_budget() -> None:
+    """Equal-budget comparisons: thinner members, more of them (bench/areir_claim.py)."""
+    def member_params(members: int, width: int | None) -> int:
+        return count_parameters(AREIRNet(AREIRNetConfig("cnn_small", members, 8, True, member_width=width)).members)
+
+    assert member_params(1, None) == member_params(1, 128)
+    assert member_params(4, 32) < member_params(1, 128) < member_params(4, 128)
+    assert member_params(16, 32) == 16 * member_params(1, 32)
+    with pytest.raises(ValueError, match="member_width applies to cnn_small"):
+        AREIRNet(AREIRNetConfig("resnet18", 2, 4, False, member_width=32))

@@ -70,6 +70,22 @@ def test_loss_is_mean_member_cross_entropy(digits: DigitsDataModule) -> None:
     torch.testing.assert_close(loss, torch.stack(per_member).mean())
 
 
+def test_normalized_member_loss_is_scaled_unit_logits_against_one_hot(digits: DigitsDataModule) -> None:
+    """The randomized-ensembles 2018 loss: cross-entropy of s * normalize(member logits)."""
+    torch.manual_seed(0)
+    model = tiny(digits.num_classes, members=3, meta_classes=2, member_loss="normalized", loss_scale=8.0).eval()
+    batch = next(iter(digits.train_dataloader()))
+    model.log = lambda *a, **k: None
+    loss = model.training_step(batch, 0)
+    logits = 8.0 * torch.nn.functional.normalize(model(batch["image"]), dim=-1)
+    per_member = [
+        torch.nn.functional.cross_entropy(logits[:, e], model.meta_labels[e, batch["label"]]) for e in range(3)
+    ]
+    torch.testing.assert_close(loss, torch.stack(per_member).mean())
+    with pytest.raises(ValueError, match="member_loss"):
+        tiny(digits.num_classes, members=3, meta_classes=2, member_loss="arcface")
+
+
 def test_checkpoint_round_trip_keeps_the_assignment(digits: DigitsDataModule, tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = tiny(digits.num_classes, assignment_seed=1)
