@@ -86,7 +86,7 @@ class AREIRNet(nn.Module):
             self.members.reset_parameters()
             return
         if config.member_width is not None:
-            raise ValueError("model.member_width applies to cnn_small members; ResNet members keep torchvision's widths")
+            raise ValueError("model.member_width applies to cnn_small members; ResNet members keep torchvision's")
         template = build_template(arch, pretrained)
         self.stem = nn.Sequential(template.conv1, template.bn1, template.relu, template.maxpool, template.layer1)
         self.stem_channels = out_channels(template.layer1)
