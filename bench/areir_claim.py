@@ -120,14 +120,15 @@ def main() -> None:
             base = [*table[key], *extra]
             lr_key = "model.optimizer.lr"
             wd = [] if key == "e" else [f"model.optimizer.weight_decay={args.weight_decay}"]
-            val = {}
-            for lr in args.lrs:  # selected on validation, seed 1
-                metrics, _ = train([*base, *wd, f"{lr_key}={lr}", "seed=1"], tmp / f"{key}_lr{lr}")
-                val[lr] = metrics["val/R@1"]
+            val, selection_runs = {}, {}
+            for lr in args.lrs:  # selected on validation, seed 1 (that run is the row's seed-1 run too)
+                selection_runs[lr] = train([*base, *wd, f"{lr_key}={lr}", "seed=1"], tmp / f"{key}_lr{lr}")
+                val[lr] = selection_runs[lr][0]["val/R@1"]
             lr = max(val, key=val.get)
             tests, walls = [], []
             for seed in args.seeds:
-                metrics, wall = train([*base, *wd, f"{lr_key}={lr}", f"seed={seed}"], tmp / f"{key}_s{seed}")
+                metrics, wall = selection_runs[lr] if seed == 1 else \
+                    train([*base, *wd, f"{lr_key}={lr}", f"seed={seed}"], tmp / f"{key}_s{seed}")
                 tests.append(metrics["test/R@1"])
                 walls.append(wall)
             params, macs = cost(base, tmp / f"{key}_cost")
