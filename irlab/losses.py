@@ -40,12 +40,15 @@ class LinearSoftmaxLoss(nn.Module):
 
 
 def class_logits(criterion: nn.Module, embeddings: torch.Tensor) -> torch.Tensor | None:
-    """A classification loss's logits over the training classes (irlab's ``logits``, PML's ``get_logits`` for
-    its cosine-classifier losses: NormalizedSoftmax, ArcFace, CosFace, ...); None for pair and proxy losses."""
+    """Scores of the training classes, higher = more likely (irlab's ``logits``; PML's ``get_logits`` for losses
+    with class weights or proxies: NormalizedSoftmax, ArcFace, ProxyAnchor, ProxyNCA, ..., negated where PML's
+    distance is a distance rather than a similarity); None for pair losses."""
     if hasattr(criterion, "logits"):
         return criterion.logits(embeddings)
     if hasattr(criterion, "get_logits"):
-        return criterion.get_logits(embeddings)
+        scores = criterion.get_logits(embeddings)
+        distance = getattr(criterion, "distance", None)
+        return scores if distance is None or distance.is_inverted else -scores
     return None
 
 

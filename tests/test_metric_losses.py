@@ -79,3 +79,29 @@ def test_a_loss_node_without_a_target_says_which_key():
 
     with pytest.raises(UserInputError, match="model.loss needs a _target_"):
         build_metric_loss({"margin": 0.1}, NUM_CLASSES, DIM)
+
+
+def test_the_done_when_commands_train_on_the_embedded_data(tmp_path):
+    """`model/loss=proxy_anchor dataset.sampler=pk`, a timm trunk and ANN rows, as a user types them."""
+    from irlab.runner import run
+
+    metrics = run(compose_config(["debug=fast", "model/loss=proxy_anchor", "dataset.sampler=pk",
+                                  "model.arch=timm/resnet18", "evaluation.indexes=[ivfpq,hnsw]"],
+                                 output_dir=tmp_path))
+    assert 0.0 <= metrics["test/R@1"] <= 1.0 and "test/ivfpq/R@1" in metrics and "test/hnsw/R@1" in metrics
+    assert 0.0 <= metrics["train/accuracy"] <= 1.0  # the nearest proxy's class
+
+
+def test_class_scores_are_higher_for_the_right_class_whatever_the_distance():
+    """Head accuracy reads PML's get_logits: similarities as they are, distances negated (ProxyNCA: Lp)."""
+    from irlab.losses import class_logits
+
+    for node in (loss_node("proxy_nca"), loss_node("proxy_anchor"), loss_node("arcface")):
+        built = build_metric_loss(node, NUM_CLASSES, DIM)
+        proxies = dict(built.criterion.named_parameters())
+        weights = next(iter(proxies.values())).detach()
+        centres = weights if weights.shape == (NUM_CLASSES, DIM) else weights.T  # PML's W is [dim, classes]
+        scores = class_logits(built.criterion, centres)
+        assert (scores.argmax(dim=1) == torch.arange(NUM_CLASSES)).all(), node["_target_"]
+    assert class_logits(build_metric_loss(loss_node("triplet"), NUM_CLASSES, DIM).criterion, torch.zeros(2, DIM)) \
+        is None
