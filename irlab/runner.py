@@ -14,8 +14,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from datamodules.errors import UserInputError
 from irlab.builders import build_datamodule
 from irlab.export import export_model
 from irlab.method import RunReport
@@ -42,6 +43,11 @@ def run(cfg: DictConfig, action: str = "train") -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     log.info(f"run folder: {output_dir}")
     cfg = with_index_checkpoint(cfg)  # index=<dir> without ckpt_path: the index's checkpoint
+    if action != "train" and OmegaConf.is_missing(cfg, "ckpt_path"):
+        script = {"evaluate": "eval"}.get(action, action)
+        alternative = " (or index=<dir> of a saved index)" if action in ("evaluate", "serve") else ""
+        raise UserInputError(f"ckpt_path is required: python {script}.py ckpt_path=<run>/checkpoints/epoch_XXX.ckpt"
+                             f"{alternative}")
     method = method_named(cfg.method.name)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build_datamodule(cfg)

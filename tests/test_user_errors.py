@@ -47,3 +47,14 @@ def test_user_errors_share_one_base(tmp_path):
     with pytest.raises(MissingFileError):
         safe_load(tmp_path / "nothing.pt")
     assert issubclass(MissingFileError, FileNotFoundError)  # callers catching the builtin still do
+
+
+@pytest.mark.parametrize(("config", "action", "script"), [
+    ("eval", "evaluate", "eval.py"), ("export", "export", "export.py"), ("index", "index", "index.py")])
+def test_a_missing_checkpoint_option_names_the_key(config, action, script, tmp_path):
+    from datamodules.errors import UserInputError
+    from irlab.runner import run
+    from tests.helpers import compose_config
+
+    with pytest.raises(UserInputError, match=f"ckpt_path is required: python {script} ckpt_path="):
+        run(compose_config(["out=x"] if config == "index" else [], config_name=config, output_dir=tmp_path), action)
