@@ -153,7 +153,9 @@ def write_table(results: dict[str, dict], table: dict[str, list[str]], args) -> 
         shown = " ".join(o for o in table[key] if not o.startswith("experiment=")) or "-"
         lines.append(f"| {key} | `{shown}` | {r['lr']:g} | {mean:.3f} +- {std:.3f} | {r['wall']:.0f} | "
                      f"{r['params']:,} | {r['macs']:,} |")
-    if all(k in results for k in "abcd"):
+    if all(k in results for k in "abcd") and len(args.seeds) < 2:
+        lines += ["", "No verdict: one seed has no standard deviation (the claim is judged over 3 seeds)."]
+    elif all(k in results for k in "abcd"):
         a_mean, a_std = mean_std(results["a"]["test"])
         beaten = {k: a_mean - mean_std(results[k]["test"])[0] > a_std for k in "bcd"}
         verdict = "holds" if all(beaten.values()) else "does not hold"
