@@ -344,10 +344,10 @@ class RetrievalDataModule(L.LightningDataModule):
                                        rank)
         if rank == 0:
             log.info(f"P x K batches: {sampler.p} classes x {sampler.k} images, {sampler.batches_per_rank} per rank "
-                     f"and epoch; {sampler.short_classes} of {len(sampler._by_class)} classes have fewer than "
+                     f"and epoch; {sampler.short_classes} of {sampler.num_classes} classes have fewer than "
                      f"{sampler.k} images and are drawn with replacement")
             if world > 1 and not sampler.ranks_disjoint:
-                log.warning(f"P x K batches: {len(sampler._by_class)} classes cannot give {world} ranks "
+                log.warning(f"P x K batches: {sampler.num_classes} classes cannot give {world} ranks "
                             f"{sampler.p} different classes each in one step; ranks may share classes")
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True,
                           **self._loader_kwargs())

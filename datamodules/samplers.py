@@ -64,6 +64,7 @@ class ClassBalancedSampler(DistributedSampler):
             raise UserInputError(f"dataset.sampler=pk: a batch of {batch_size} with dataset.samples_per_class="
                                  f"{self.k} holds {self.p} classes, but it needs 2 to {len(self._by_class)} (the "
                                  f"training classes): change dataset.batch_size or dataset.samples_per_class")
+        self.num_classes = len(self._by_class)
         self.short_classes = sum(len(m) < self.k for m in self._by_class)
         self.batches_per_rank = max(1, len(labels) // (batch_size * num_replicas))
         groups = len(self._by_class) // self.p  # batches one permutation of the classes gives

@@ -53,11 +53,13 @@ def item_image(item: GalleryItem, dm: RetrievalDataModule) -> Image.Image:
 
 
 class ItemImages(Dataset):
-    """The items' images with `transform`; an unreadable one yields None (the loader's collation drops it, and
-    `map_images(with_index=True)` tells which were read)."""
+    """The items' images with `transform`. An unreadable one raises (`datamodules.errors.ImageReadError`: one
+    message naming the file) or, with ``skip_unreadable``, yields None: the loader's collation drops it and
+    `map_images(with_index=True)` tells which were read (the index builder lists them)."""
 
-    def __init__(self, items: list[GalleryItem], dm: RetrievalDataModule, transform) -> None:
-        self.items, self.dm, self.transform = items, dm, transform
+    def __init__(self, items: list[GalleryItem], dm: RetrievalDataModule, transform,
+                 skip_unreadable: bool = False) -> None:
+        self.items, self.dm, self.transform, self.skip_unreadable = items, dm, transform, skip_unreadable
 
     def __len__(self) -> int:
         return len(self.items)
@@ -66,6 +68,8 @@ class ItemImages(Dataset):
         try:
             image = item_image(self.items[i], self.dm)
         except (OSError, ValueError) as exc:  # ImageReadError, truncated or missing files
+            if not self.skip_unreadable:
+                raise
             log.warning(f"unreadable image skipped: {self.items[i].name} ({exc})")
             return None
         return {"image": self.transform(image), "index": i}

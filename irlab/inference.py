@@ -32,24 +32,31 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
+class NoImagesError(ValueError):
+    """A loader that yielded no readable image."""
+
+
 def map_images(model: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor | tuple[torch.Tensor, ...]],
                loader: DataLoader, device: torch.device | str | None = None, with_index: bool = False
                ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``fn(images)`` for every batch of `loader` (``batch["image"]`` on `device`, default: the model's),
     concatenated in loader order on the CPU; ``fn`` may return a tensor or a tuple of tensors. Floating outputs
     come back as float32. ``with_index``: the batches' ``index`` (dataset positions; unreadable images skipped
-    under ``dataset.skip_corrupt`` are missing) comes last."""
+    under ``dataset.skip_corrupt`` are missing) comes last. A batch the loader's collation returns as None (no
+    readable image in it) is skipped; `NoImagesError` when no batch had one."""
     if device is None:
         device = next(iter(model.parameters()), torch.empty(0)).device
     chunks: list[tuple[torch.Tensor, ...]] = []
     with evaluation_mode(model):
         for batch in loader:
+            if batch is None:
+                continue
             out = fn(batch["image"].to(device))
             out = out if isinstance(out, tuple) else (out,)
             out = tuple((o.float() if o.is_floating_point() else o).cpu() for o in out)
             chunks.append((*out, batch["index"].cpu()) if with_index else out)
     if not chunks:
-        raise ValueError("the loader yielded no images")
+        raise NoImagesError("the loader yielded no images")
     joined = tuple(torch.cat(parts) for parts in zip(*chunks, strict=True))
     return joined if len(joined) > 1 else joined[0]
 

@@ -45,7 +45,7 @@ from datamodules.errors import MissingFileError, UserInputError
 from datamodules.paths import expand_path
 from irlab.atomic_files import write_atomically, write_text_atomically
 from irlab.gallery import GalleryItem, ItemImages, gallery_items
-from irlab.inference import evaluation_mode
+from irlab.inference import NoImagesError, evaluation_mode, map_images
 from irlab.retrieval.ann import build_index
 
 log = logging.getLogger(__name__)
@@ -226,18 +226,15 @@ def embed_in_chunks(model, dm: RetrievalDataModule, items: list[GalleryItem], ou
 def embed_items(model, dm: RetrievalDataModule, items: list[GalleryItem], device: str
                 ) -> tuple[np.ndarray, np.ndarray]:
     """(float32 L2-normalised embeddings of the readable items, their positions in `items`)."""
-    loader = DataLoader(ItemImages(items, dm, dm.eval_transform()), batch_size=dm.eval_batch_size, shuffle=False,
-                        num_workers=dm.num_workers, collate_fn=collate_readable)
-    vectors, positions = [], []
-    with evaluation_mode(model), torch.no_grad():
-        for batch in loader:
-            if batch is None:
-                continue
-            vectors.append(model.unit_embedding(batch["image"].to(device)).float().cpu().numpy())
-            positions.append(batch["index"].numpy())
-    if not vectors:
+    loader = DataLoader(ItemImages(items, dm, dm.eval_transform(), skip_unreadable=True),
+                        batch_size=dm.eval_batch_size, shuffle=False, num_workers=dm.num_workers,
+                        collate_fn=collate_readable)
+    try:
+        with torch.no_grad():
+            vectors, positions = map_images(model, model.unit_embedding, loader, device, with_index=True)
+    except NoImagesError:  # a chunk of unreadable images only
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    return np.concatenate(vectors), np.concatenate(positions)
+    return vectors.numpy(), positions.numpy()
 
 
 def write_faiss_index(out: Path, embeddings: np.ndarray, cfg: DictConfig) -> dict:
@@ -249,8 +246,7 @@ def write_faiss_index(out: Path, embeddings: np.ndarray, cfg: DictConfig) -> dic
         settings = OmegaConf.to_container(cfg.evaluation[cfg.index_type])  # conf/evaluation/default.yaml
         index, used = build_index(cfg.index_type, settings, embeddings,
                                   train_points=int(cfg.train_points))
-    faiss.write_index(index, str(out / (FAISS_INDEX + ".tmp")))
-    (out / (FAISS_INDEX + ".tmp")).replace(out / FAISS_INDEX)
+    write_atomically(out / FAISS_INDEX, lambda f: f.write(faiss.serialize_index(index).tobytes()))
     return {"index_type": cfg.index_type, "index_parameters": used}
 
 

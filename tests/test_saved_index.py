@@ -98,6 +98,10 @@ def test_a_build_resumes_after_a_kill_and_grows_with_its_folder(tmp_path, monkey
     np.testing.assert_array_equal(np.load(out / "embeddings.npy")[:10], first)
     rows = [json.loads(line)["name"] for line in (out / "rows.jsonl").read_text().splitlines()]
     assert rows[10:] == [str((gallery / f"{i}.png").resolve()) for i in range(10, 13)]
+    # embedded now instead (eval.py gallery=<folder>), an unreadable file is one message naming it: skipping it
+    # would shift every later row onto another file's name
+    with pytest.raises(UserInputError, match="broken.png"):
+        query(tmp_path, [*common, f"ckpt_path={ckpt}", f"gallery={gallery}", f"query={gallery / '00.png'}"])
 
 
 def test_an_index_of_another_checkpoint_is_refused_with_both_hashes(tmp_path):
