@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from irlab.backbones import build_trunk
-from irlab.losses import class_logits, head_accuracy
+from irlab.losses import class_logits, has_class_logits, head_accuracy
 from irlab.metric_losses import build_metric_loss
 from irlab.module import RetrievalModule
 from irlab.optim import module_optimization
@@ -41,12 +41,10 @@ class EmbeddingBaseline(RetrievalModule):
         self.save_hyperparameters()
         self.trunk, width = build_trunk(arch, pretrained)
         self.embedding = nn.Linear(width, embedding_dim)
-        metric_loss = build_metric_loss(loss, num_classes, embedding_dim)
-        self.loss, self.miner, self.loss_lr_scale = metric_loss.criterion, metric_loss.miner, metric_loss.lr_scale
-        self._metric_loss = metric_loss
+        self._metric_loss = build_metric_loss(loss, num_classes, embedding_dim)
+        self.loss = self._metric_loss.criterion  # its parameters (proxies, class weights) under loss.* in checkpoints
         # classification losses: the head's training accuracy per epoch (torchmetrics, DDP-synchronised)
-        has_head = hasattr(self.loss, "logits") or hasattr(self.loss, "get_logits")
-        self.train_accuracy = head_accuracy(num_classes) if has_head else None
+        self.train_accuracy = head_accuracy(num_classes) if has_class_logits(self.loss) else None
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return self.embedding(self.trunk(images))
@@ -63,9 +61,10 @@ class EmbeddingBaseline(RetrievalModule):
 
     def configure_optimizers(self):
         groups = [{"params": self.trunk.parameters(), "lr_scale": self.hparams.trunk_lr_scale}]
-        if self.loss_lr_scale == 1.0:
+        lr_scale = self._metric_loss.lr_scale
+        if lr_scale == 1.0:
             groups.append({"params": list(self.embedding.parameters()) + list(self.loss.parameters())})
         else:  # proxies / class weights at their own rate (ProxyAnchor: 100x)
             groups += [{"params": list(self.embedding.parameters())},
-                       {"params": list(self.loss.parameters()), "lr_scale": self.loss_lr_scale}]
+                       {"params": list(self.loss.parameters()), "lr_scale": lr_scale}]
         return module_optimization(self, [g for g in groups if g["params"]])

@@ -39,17 +39,22 @@ class LinearSoftmaxLoss(nn.Module):
         return F.cross_entropy(self.logits(features), labels)
 
 
+def has_class_logits(criterion: nn.Module) -> bool:
+    """Whether `class_logits` can score the training classes with this loss (it has class weights or proxies)."""
+    return hasattr(criterion, "logits") or hasattr(criterion, "get_logits")
+
+
 def class_logits(criterion: nn.Module, embeddings: torch.Tensor) -> torch.Tensor | None:
     """Scores of the training classes, higher = more likely (irlab's ``logits``; PML's ``get_logits`` for losses
     with class weights or proxies: NormalizedSoftmax, ArcFace, ProxyAnchor, ProxyNCA, ..., negated where PML's
     distance is a distance rather than a similarity); None for pair losses."""
+    if not has_class_logits(criterion):
+        return None
     if hasattr(criterion, "logits"):
         return criterion.logits(embeddings)
-    if hasattr(criterion, "get_logits"):
-        scores = criterion.get_logits(embeddings)
-        distance = getattr(criterion, "distance", None)
-        return scores if distance is None or distance.is_inverted else -scores
-    return None
+    scores = criterion.get_logits(embeddings)
+    distance = getattr(criterion, "distance", None)
+    return scores if distance is None or distance.is_inverted else -scores
 
 
 def head_accuracy(num_classes: int) -> MulticlassAccuracy:
