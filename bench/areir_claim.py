@@ -25,10 +25,15 @@ std over seeds, wall time, parameters, multiply-adds per image) goes to ``bench/
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 import torch
@@ -54,29 +59,38 @@ def width_for(members: int, budget: int, meta_classes: int = 8) -> int:
     return min(range(8, 1025, 8), key=lambda w: abs(members * member_params(1, w, meta_classes) - budget))
 
 
+def areir_row(members: int, width: int, meta_classes: int, assignment: str = "random") -> list[str]:
+    return ["experiment=digits_areir", f"model.assignment={assignment}", f"model.members={members}",
+            f"model.member_width={width}", f"model.meta_classes={meta_classes}"]
+
+
 def rows() -> dict[str, list[str]]:
+    """Row key -> overrides. Sweep points that are a main row (E=1 is (b), E=16 and M=8 are (a), M=40 is (d): a
+    balanced grouping of 40 classes into 40 meta-classes is a relabelling of them) have that row's exact overrides,
+    so they are the same runs, not reruns."""
     budget = member_params(BASE_MEMBERS, BASE_WIDTH, 8)
-    one = width_for(1, budget)
-    areir = ["experiment=digits_areir", "model.assignment=random"]
+    one, wide48 = width_for(1, budget), width_for(48, budget, 5)
     table = {
-        "a": [*areir, f"model.members={BASE_MEMBERS}", f"model.member_width={BASE_WIDTH}", "model.meta_classes=8"],
-        "b": [*areir, "model.members=1", f"model.member_width={one}", "model.meta_classes=8"],
-        "c": ["experiment=digits_areir", "model.assignment=identity", "model.members=1", f"model.member_width={one}",
-              f"model.meta_classes={CLASSES}"],
-        "d": ["experiment=digits_areir", "model.assignment=identity", f"model.members={BASE_MEMBERS}",
-              f"model.member_width={BASE_WIDTH}", f"model.meta_classes={CLASSES}"],
+        "a": areir_row(BASE_MEMBERS, BASE_WIDTH, 8),
+        "b": areir_row(1, one, 8),
+        "c": areir_row(1, one, CLASSES, "identity"),
+        "d": areir_row(BASE_MEMBERS, BASE_WIDTH, CLASSES, "identity"),
         "e": ["experiment=digits_baseline"],
     }
     table["a-norm"] = [*table["a"], "model.member_loss=normalized", "model.loss_scale=16"]
-    for members in (1, 4, 8, 32):
-        table[f"E={members}"] = [*areir, f"model.members={members}", f"model.member_width={width_for(members, budget)}",
-                                 "model.meta_classes=8"]
-    for groups in (2, 4, 20, 40):
-        table[f"M={groups}"] = [*areir, f"model.members={BASE_MEMBERS}", f"model.member_width={BASE_WIDTH}",
-                                f"model.meta_classes={groups}"]
-    table["a-48"] = [*areir, "model.members=48", f"model.member_width={width_for(48, budget, 5)}",
-                     "model.meta_classes=5"]
+    table["a-48"] = areir_row(48, wide48, 5)
+    table["d-48"] = areir_row(48, wide48, CLASSES, "identity")
+    for members in (1, 4, 8, 16, 32):
+        table[f"E={members}"] = areir_row(members, width_for(members, budget), 8)
+    for groups in (2, 4, 8, 20):
+        table[f"M={groups}"] = areir_row(BASE_MEMBERS, BASE_WIDTH, groups)
+    table["M=40"] = table["d"]
     return table
+
+
+# E=48 rows take the learning rate their E=16 row selected instead of a grid of their own (3x their cost, E=48)
+LR_FROM = {"a-48": "a", "d-48": "d"}
+MAIN_ROWS = ("a", "b", "c", "d", "e", "a-norm", "a-48", "d-48")
 
 
 def cost(overrides: list[str], out: Path) -> tuple[int, int]:
@@ -93,12 +107,125 @@ def cost(overrides: list[str], out: Path) -> tuple[int, int]:
     return sum(p.numel() for p in model.parameters()), counter.get_total_flops() // 2
 
 
-def train(overrides: list[str], out: Path) -> tuple[dict[str, float], float]:
+def train(overrides: list[str]) -> dict[str, float]:
+    """One training run in this process; its checkpoints go to a temporary folder."""
     from irlab.runner import run
 
     start = time.perf_counter()
-    metrics = run(compose(overrides, out), "train")
-    return metrics, time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        metrics = run(compose(overrides, Path(tmp)), "train")
+    return {"val": metrics["val/R@1"], "test": metrics["test/R@1"], "wall": time.perf_counter() - start}
+
+
+def use_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def run_overrides(base: list[str], lr: float, seed: int, args) -> list[str]:
+    wd = f"model.optimizer.weight_decay={args.weight_decay}"
+    return [*base, wd, f"model.optimizer.lr={lr}", f"seed={seed}"]
+
+
+class RunCache:
+    """Finished runs, one JSON line each, keyed by their exact overrides: an interrupted bench continues where it
+    stopped, a second invocation with more rows reuses the runs they share, and the table can be rewritten from
+    the file alone (``--table-only``). Lines are appended by the one process that schedules the runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.runs: dict[str, dict] = {}
+        if path.exists():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.runs[json.dumps(record["overrides"])] = record
+
+    def get(self, overrides: list[str]) -> dict | None:
+        return self.runs.get(json.dumps(overrides))
+
+    def add(self, record: dict) -> None:
+        self.runs[json.dumps(record["overrides"])] = record
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def selected_lr(key: str, table: dict[str, list[str]], cache: RunCache, args) -> float | None:
+    """The row's learning rate with the best validation R@1 at seed 1, once every candidate has run."""
+    if key in LR_FROM:
+        return selected_lr(LR_FROM[key], table, cache, args)
+    base = [*table[key], *args.extra]
+    val = {lr: cache.get(run_overrides(base, lr, 1, args)) for lr in args.lrs}
+    if any(r is None for r in val.values()):
+        return None
+    return max(val, key=lambda lr: val[lr]["val"])
+
+
+def next_run(keys: list[str], table: dict[str, list[str]], cache: RunCache, busy: set[str], args):
+    """The first run, in row order, that is neither finished nor running: a row's seed-1 runs over the learning
+    rates first, its other seeds once its rate is chosen. None when every startable run is finished or running."""
+    for key in keys:
+        base = [*table[key], *args.extra]
+        lr = selected_lr(key, table, cache, args)
+        if lr is None and key in LR_FROM:
+            continue  # its E=16 row has not chosen yet
+        plan = [(c, 1) for c in args.lrs] if lr is None else [(lr, s) for s in args.seeds]
+        for candidate, seed in plan:
+            overrides = run_overrides(base, candidate, seed, args)
+            if cache.get(overrides) is None and json.dumps(overrides) not in busy:
+                return key, candidate, seed, overrides
+    return None
+
+
+def run_all(keys: list[str], table: dict[str, list[str]], cache: RunCache, args) -> None:
+    """Runs what the cache lacks, `--jobs` at a time, each in its own process with cores / jobs threads."""
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=use_threads, initargs=(threads,)) as pool:
+        running: dict = {}
+        while True:
+            busy = {json.dumps(overrides) for _, _, _, overrides in running.values()}
+            while len(running) < args.jobs and (job := next_run(keys, table, cache, busy, args)) is not None:
+                running[pool.submit(train, job[3])] = job
+                busy.add(json.dumps(job[3]))
+                print(f"started {job[0]} lr {job[1]:g} seed {job[2]}", flush=True)
+            if not running:
+                return
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                key, lr, seed, overrides = running.pop(future)
+                result = future.result()
+                cache.add({"row": key, "lr": lr, "seed": seed, "overrides": overrides, **result, "jobs": args.jobs,
+                           "threads": threads, "commit": commit(), "date": time.strftime("%Y-%m-%d")})
+                print(f"finished {key} lr {lr:g} seed {seed}: val R@1 {result['val']:.4f} test R@1 "
+                      f"{result['test']:.4f} ({result['wall']:.0f} s)", flush=True)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def collect(keys: list[str], table: dict[str, list[str]], cache: RunCache, args) -> dict[str, dict]:
+    """Every row with a chosen learning rate and at least one finished seed, with its cost (parameters, multiply-
+    adds) measured here. A row short of seeds is marked in the table, never left out silently."""
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for key in keys:
+            base = [*table[key], *args.extra]
+            lr = selected_lr(key, table, cache, args)
+            runs = [r for s in args.seeds if lr and (r := cache.get(run_overrides(base, lr, s, args)))]
+            if not runs:
+                continue
+            params, macs = cost(base, Path(tmp) / key)
+            val = {} if key in LR_FROM else {c: cache.get(run_overrides(base, c, 1, args))["val"] for c in args.lrs}
+            results[key] = {"lr": lr, "val": val, "test": [r["test"] for r in runs],
+                            "wall": statistics.mean(r["wall"] for r in runs), "params": params, "macs": macs,
+                            "parallel": sorted({(r["jobs"], r["threads"]) for r in runs})}
+    return results
 
 
 def main() -> None:
@@ -107,60 +234,81 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[1, 2, 3])
     parser.add_argument("--lrs", nargs="*", type=float, default=[5e-4, 1e-3, 2e-3])
     parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each with cores / jobs threads")
     parser.add_argument("--smoke", action="store_true", help="debug=fast runs: checks the script, measures nothing")
+    parser.add_argument("--table-only", action="store_true", help="write the table from the cached runs, run nothing")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "areir_claim.md"))
+    parser.add_argument("--cache", default=None, help="finished runs (JSON lines; default: <out>.runs.jsonl)")
     args = parser.parse_args()
+    args.extra = ["debug=fast"] if args.smoke else []
     table = rows()
     keys = args.rows or list(table)
-    extra = ["debug=fast"] if args.smoke else []
-    results: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for key in keys:
-            base = [*table[key], *extra]
-            lr_key = "model.optimizer.lr"
-            wd = [] if key == "e" else [f"model.optimizer.weight_decay={args.weight_decay}"]
-            val, selection_runs = {}, {}
-            for lr in args.lrs:  # selected on validation, seed 1 (that run is the row's seed-1 run too)
-                selection_runs[lr] = train([*base, *wd, f"{lr_key}={lr}", "seed=1"], tmp / f"{key}_lr{lr}")
-                val[lr] = selection_runs[lr][0]["val/R@1"]
-            lr = max(val, key=val.get)
-            tests, walls = [], []
-            for seed in args.seeds:
-                metrics, wall = selection_runs[lr] if seed == 1 else \
-                    train([*base, *wd, f"{lr_key}={lr}", f"seed={seed}"], tmp / f"{key}_s{seed}")
-                tests.append(metrics["test/R@1"])
-                walls.append(wall)
-            params, macs = cost(base, tmp / f"{key}_cost")
-            results[key] = {"lr": lr, "val": val, "test": tests, "wall": statistics.mean(walls), "params": params,
-                            "macs": macs}
-            print(f"{key}: lr {lr} (val {val}), test R@1 {tests}", flush=True)
-    write_table(results, table, args)
+    unknown = sorted(set(keys) - set(table))
+    if unknown:
+        raise SystemExit(f"unknown --rows {unknown}; the rows are {list(table)}")
+    for key in list(keys):  # an E=48 row needs its E=16 row's chosen learning rate
+        if key in LR_FROM and LR_FROM[key] not in keys:
+            keys.insert(0, LR_FROM[key])
+    cache = RunCache(Path(args.cache or Path(args.out).with_suffix(".runs.jsonl")))
+    if not args.table_only:
+        run_all(keys, table, cache, args)
+    write_table(collect(keys, table, cache, args), table, keys, args)
 
 
-def write_table(results: dict[str, dict], table: dict[str, list[str]], args) -> None:
-    def mean_std(values: list[float]) -> tuple[float, float]:
-        return statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
 
+
+def table_lines(keys: list[str], results: dict[str, dict], table: dict[str, list[str]], args) -> list[str]:
+    lines = ["| row | overrides | val R@1 per lr (seed 1) | lr | test R@1 (mean +- std) | per seed | wall s / run "
+             "(at once x threads) | parameters | multiply-adds / image |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for key in keys:
+        if key not in results:
+            lines.append(f"| {key} | not run yet | | | | | | | |")
+            continue
+        r = results[key]
+        mean, std = mean_std(r["test"])
+        same = [k for k in MAIN_ROWS if k != key and table[k] == table[key]]
+        shown = (f"= ({same[0]}) " if same else "") + " ".join(o for o in table[key] if not o.startswith("experiment="))
+        val = " / ".join(f"{v:.3f}" for v in r["val"].values()) or f"lr of ({LR_FROM[key]})"
+        seeds = " / ".join(f"{t:.3f}" for t in r["test"])
+        if len(r["test"]) < len(args.seeds):
+            seeds += f" ({len(r['test'])} of {len(args.seeds)} seeds)"
+        parallel = ", ".join(f"{j}x{t}" for j, t in r["parallel"])
+        lines.append(f"| {key} | `{shown or '-'}` | {val} | {r['lr']:g} | {mean:.3f} +- {std:.3f} | {seeds} | "
+                     f"{r['wall']:.0f} ({parallel}) | {r['params']:,} | {r['macs']:,} |")
+    return lines
+
+
+def verdict(results: dict[str, dict], args) -> list[str]:
+    if not all(k in results and len(results[k]["test"]) == len(args.seeds) for k in "abcd"):
+        return ["No verdict yet: rows (a)-(d) have not all run over every seed."]
+    if len(args.seeds) < 2:
+        return ["No verdict: one seed has no standard deviation (the claim is judged over 3 seeds)."]
+    a_mean, a_std = mean_std(results["a"]["test"])
+    margins = {k: a_mean - mean_std(results[k]["test"])[0] for k in "bcd"}
+    holds = all(m > a_std for m in margins.values())
+    return [f"The claim {'holds' if holds else 'does not hold'}: (a) {a_mean:.3f} +- {a_std:.3f} is "
+            + "; ".join(f"{m:+.3f} against ({k}) ({'more' if m > a_std else 'not more'} than one std)"
+                        for k, m in margins.items()) + "."]
+
+
+def write_table(results: dict[str, dict], table: dict[str, list[str]], keys: list[str], args) -> None:
     lines = ["# AREIR's claim on the digit pairs (bench/areir_claim.py)", "",
              f"Command: `python bench/areir_claim.py {' '.join(sys.argv[1:])}`; seeds {args.seeds}, learning rate "
-             f"chosen on validation (seed 1) from {args.lrs}, weight decay {args.weight_decay} (AREIR rows)."
-             + (" SMOKE RUN (debug=fast): the numbers measure nothing." if args.smoke else ""), "",
-             "| row | overrides | lr | test R@1 (mean +- std) | wall s / run | parameters | multiply-adds / image |",
-             "|---|---|---|---|---|---|---|"]
-    for key, r in results.items():
-        mean, std = mean_std(r["test"])
-        shown = " ".join(o for o in table[key] if not o.startswith("experiment=")) or "-"
-        lines.append(f"| {key} | `{shown}` | {r['lr']:g} | {mean:.3f} +- {std:.3f} | {r['wall']:.0f} | "
-                     f"{r['params']:,} | {r['macs']:,} |")
-    if all(k in results for k in "abcd") and len(args.seeds) < 2:
-        lines += ["", "No verdict: one seed has no standard deviation (the claim is judged over 3 seeds)."]
-    elif all(k in results for k in "abcd"):
-        a_mean, a_std = mean_std(results["a"]["test"])
-        beaten = {k: a_mean - mean_std(results[k]["test"])[0] > a_std for k in "bcd"}
-        verdict = "holds" if all(beaten.values()) else "does not hold"
-        lines += ["", f"The claim {verdict}: (a) beats " + ", ".join(
-            f"({k}) {'by more than one std' if ok else 'not by more than one std'}" for k, ok in beaten.items())]
+             f"chosen on validation R@1 (seed 1) from {args.lrs}, weight decay {args.weight_decay} (every row). "
+             "Wall time per run, with how many ran at once and their threads."
+             + (" SMOKE RUN (debug=fast): the numbers measure nothing." if args.smoke else "")]
+    sections = [("Rows", [k for k in keys if k in MAIN_ROWS]),
+                ("E at (a)'s member parameters, M=8", [k for k in keys if k.startswith("E=")]),
+                ("M at E=16, width 32", [k for k in keys if k.startswith("M=")])]
+    for title, section in sections:
+        if section:
+            lines += ["", f"## {title}", "", *table_lines(section, results, table, args)]
+    if any(k in keys for k in "abcd"):
+        lines += ["", *verdict(results, args)]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
