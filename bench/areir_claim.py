@@ -1,9 +1,14 @@
 """A fair test of AREIR's claim on the digit pairs: an ensemble of E members over random meta-classes against
 its controls at equal member parameters and equal optimizer steps (issue #24).
 
-    python bench/areir_claim.py                          # every row and sweep, seeds 1 2 3 (hours on 2 cores)
+    python bench/areir_claim.py --jobs 2                 # every row and sweep, seeds 1 2 3 (~2.5 h on 2 cores)
     python bench/areir_claim.py --rows a b c d e --seeds 1 --lrs 1e-3
+    python bench/areir_claim.py --table-only             # the table from the runs already finished
     python bench/areir_claim.py --smoke                  # every run as debug=fast: checks the script itself
+
+Finished runs are appended to ``<out>.runs.jsonl`` (``--cache``): a killed bench loses only the runs in flight,
+and any later invocation reuses every run whose overrides it shares. ``--jobs N`` trains N runs at once, each in
+its own process with cores / N threads (on 2 cores, 2 x 1 thread gives ~15% more runs per hour than 1 x 2).
 
 Rows (``experiment=digits_areir``: the cnn_small stem, SE members, zero-shot, 40 training classes):
 
@@ -14,7 +19,10 @@ Rows (``experiment=digits_areir``: the cnn_small stem, SE members, zero-shot, 40
 * (e) the baseline (normalized softmax on the same stem; its own trunk and parameters, reported);
 * (a-norm) (a) with the 2018 code's loss (normalised outputs against one-hot targets, scale 16);
 * sweeps: E in {1, 4, 8, 16, 32} at (a)'s member parameters, M in {2, 4, 8, 20, 40} at E=16 width 32;
-* (a-48) the paper's E=48 at (a)'s member parameters (M=5: 12 for ~100 classes is ~1 per 8, 40 / 8 = 5).
+* (a-48) the paper's E=48 at (a)'s member parameters (M=5: 12 for ~100 classes is ~1 per 8, 40 / 8 = 5; width 16
+  is the narrowest the SE gate allows, so it spends ~1.2x (a)'s member parameters), and (d-48) its control over all
+  40 classes. Both take their E=16 row's learning rate. On CPU the member loop is as fast as grouped convolutions
+  at E=48 (bench/areir_members.py), so they run with the default ``member_impl=auto`` (the loop on CPU).
 
 Every row trains the preset's epochs (equal optimizer steps) with weight decay ``--weight-decay``; its learning
 rate is chosen on validation (val R@1, seed 1) from ``--lrs``, then the row runs over the seeds. The claim

@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--checkpoint", action="store_true", help="activation checkpointing (loop/grouped)")
     parser.add_argument("--no-se", action="store_true")
+    parser.add_argument("--member-width", type=int, default=None, help="cnn_small members' channels (default 128)")
     parser.add_argument("--impls", default=",".join(MEMBER_IMPLS))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     args = parser.parse_args()
@@ -62,14 +63,16 @@ def main() -> None:
 
     device = torch.device(args.device)
     torch.manual_seed(0)
-    model = AREIRNet(AREIRNetConfig(args.arch, args.members, args.meta_classes, not args.no_se)).to(device).train()
+    config = AREIRNetConfig(args.arch, args.members, args.meta_classes, not args.no_se, member_width=args.member_width)
+    model = AREIRNet(config).to(device).train()
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     images = torch.randn(args.batch, 3, args.size, args.size, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, args.meta_classes, (args.batch,), device=device)
     state = {k: v.clone() for k, v in model.state_dict().items()}  # timing steps train; outputs use these weights
 
-    print(f"{args.arch} E={args.members} M={args.meta_classes} {args.size}px batch={args.batch} device={device} "
+    print(f"{args.arch} E={args.members} width={args.member_width or 'default'} M={args.meta_classes} "
+          f"{args.size}px batch={args.batch} device={device} "
           f"bf16={args.bf16} channels_last={args.channels_last} checkpoint={args.checkpoint} "
           f"threads={torch.get_num_threads()}")
     impls = [i for i in args.impls.split(",") if not (i == "vmap" and args.checkpoint)]
