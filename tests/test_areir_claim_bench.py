@@ -57,6 +57,17 @@ def test_selection_runs_first_then_the_seeds_at_the_best_validation_rate(claim, 
     assert claim.selected_lr("a-48", table, cache, args) == 1e-3  # borrowed from (a), no grid of its own
     assert claim.next_run(keys, table, cache, set(), args)[:3] == ("a", 1e-3, 2)
 
+    # a best rate on the grid's edge is not a choice: one step beyond it runs before the seeds
+    edge = claim.RunCache(tmp_path / "edge.jsonl")
+    for lr, val in zip(args.lrs, [0.3, 0.5, 0.8], strict=True):
+        finish(claim, edge, table, "b", lr, 1, val)
+    assert claim.lr_grid("b", table, edge, args) == [5e-4, 1e-3, 2e-3, 4e-3]
+    assert claim.selected_lr("b", table, edge, args) is None
+    assert claim.next_run(["b"], table, edge, set(), args)[:3] == ("b", 4e-3, 1)
+    finish(claim, edge, table, "b", 4e-3, 1, 0.6)
+    assert claim.selected_lr("b", table, edge, args) == 2e-3  # and no second extension
+    assert claim.next_run(["b"], table, edge, set(), args)[:3] == ("b", 2e-3, 2)
+
     # a restart reads the finished runs back and asks for the same next run
     reloaded = claim.RunCache(tmp_path / "runs.jsonl")
     assert claim.next_run(keys, table, reloaded, set(), args)[:3] == ("a", 1e-3, 2)
