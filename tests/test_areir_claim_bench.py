@@ -23,7 +23,8 @@ def claim():
 
 
 def bench_args(**kw) -> Namespace:
-    return Namespace(**{"lrs": [5e-4, 1e-3, 2e-3], "seeds": [1, 2, 3], "weight_decay": 1e-4, "extra": [], **kw})
+    return Namespace(**{"lrs": [5e-4, 1e-3, 2e-3], "seeds": [1, 2, 3], "weight_decay": 1e-4, "extra": [],
+                         "select_seeds": [1], **kw})
 
 
 def finish(claim, cache, table, key, lr, seed, val, test=0.5, args=None):
@@ -91,3 +92,16 @@ def test_verdict_needs_every_control_beaten_by_more_than_one_std(claim):
     assert "holds" in claim.verdict(results, args)[0] and "does not" not in claim.verdict(results, args)[0]
     del results["d"]
     assert claim.verdict(results, args)[0].startswith("No verdict")
+
+
+def test_selection_on_the_mean_over_seeds_discards_a_rate_that_diverges_at_one(claim, tmp_path):
+    table, args = claim.rows(), bench_args(select_seeds=[1, 2])
+    cache = claim.RunCache(tmp_path / "runs.jsonl")
+    for lr, (v1, v2) in zip(args.lrs, [(0.3, 0.3), (0.7, 0.7), (0.8, 0.2)], strict=True):
+        assert claim.selected_lr("c", table, cache, args) is None
+        finish(claim, cache, table, "c", lr, 1, v1)
+        finish(claim, cache, table, "c", lr, 2, v2)
+    assert claim.selected_lr("c", table, cache, args) == 1e-3  # seed 1 alone would pick 2e-3
+    # seed 1 alone prefers the top rate, so it would extend the grid instead
+    assert claim.lr_grid("c", table, cache, bench_args()) == [5e-4, 1e-3, 2e-3, 4e-3]
+    assert claim.next_run(["c"], table, cache, set(), args)[:3] == ("c", 1e-3, 3)
