@@ -66,8 +66,13 @@ def test_selection_runs_first_then_the_seeds_at_the_best_validation_rate(claim, 
     assert claim.selected_lr("b", table, edge, args) is None
     assert claim.next_run(["b"], table, edge, set(), args)[:3] == ("b", 4e-3, 1)
     finish(claim, edge, table, "b", 4e-3, 1, 0.6)
-    assert claim.selected_lr("b", table, edge, args) == 2e-3  # and no second extension
+    assert claim.selected_lr("b", table, edge, args) == 2e-3  # back inside the grid: no second extension
     assert claim.next_run(["b"], table, edge, set(), args)[:3] == ("b", 2e-3, 2)
+    # a new edge that wins extends again, up to MAX_EXTENSIONS steps
+    for lr, val in [(5e-4, 0.1), (1e-3, 0.2), (2e-3, 0.3), (4e-3, 0.4), (8e-3, 0.5)]:
+        finish(claim, edge, table, "c", lr, 1, val)
+    assert claim.lr_grid("c", table, edge, args) == [5e-4, 1e-3, 2e-3, 4e-3, 8e-3][:3 + claim.MAX_EXTENSIONS]
+    assert claim.selected_lr("c", table, edge, args) == 2e-3 * 2 ** claim.MAX_EXTENSIONS
 
     # a restart reads the finished runs back and asks for the same next run
     reloaded = claim.RunCache(tmp_path / "runs.jsonl")
@@ -87,11 +92,18 @@ def test_verdict_needs_every_control_beaten_by_more_than_one_std(claim):
     args = bench_args()
     results = {"a": {"test": [0.60, 0.62, 0.64]}, "b": {"test": [0.1] * 3}, "c": {"test": [0.5] * 3},
                "d": {"test": [0.605] * 3}}
-    assert "does not hold" in claim.verdict(results, args)[0]  # (d) is within (a)'s std
+    plain, norm = claim.verdict(results, args)
+    assert "does not hold" in plain and norm.startswith("No verdict yet")  # (d) is within (a)'s std
     results["d"] = {"test": [0.55] * 3}
     assert "holds" in claim.verdict(results, args)[0] and "does not" not in claim.verdict(results, args)[0]
+    # the same rows under the normalised loss get their own verdict
+    results |= {f"{k}-norm": {"test": v["test"]} for k, v in results.items()}
+    results["d-norm"] = {"test": [0.7] * 3}
+    plain, norm = claim.verdict(results, args)
+    assert "the claim holds" in plain and "does not hold" in norm and "(a-norm)" in norm
     del results["d"]
     assert claim.verdict(results, args)[0].startswith("No verdict")
+    assert claim.verdict(results, bench_args(seeds=[1]))[0].startswith("No verdict")
 
 
 def test_selection_on_the_mean_over_seeds_discards_a_rate_that_diverges_at_one(claim, tmp_path):
