@@ -1,7 +1,7 @@
-"""Does each method's claim hold on the embedded benchmark? The presets as users run them, over seeds.
+"""Does IRGen's claim hold on the embedded benchmark? The preset as users run it, over seeds.
 
-    python bench/method_claims.py                        # IRGen and AREIR, seeds 1 2 3 (~40 min on 2 cores)
-    python bench/method_claims.py --only irgen --seeds 1
+    python bench/method_claims.py                        # seeds 1 2 3
+    python bench/method_claims.py --seeds 1
     python bench/method_claims.py --seeds 1 --overrides debug=fast    # smoke test of the script itself
 
 Test metrics, mean +- std over the seeds; every checkpoint is selected on validation data, the test split is
@@ -11,8 +11,9 @@ evaluated once per run and never selected on.
   paper's generative ranking, generative + rerank, and kNN over the same (frozen, tokenizer-trained) encoder. The
   paper's claim: generative >= kNN at every K. Also the tokenizer's prefix class purity per level and level-0
   perplexity (are the codes semantic?), collision rate and quantized-feature R@1.
-* AREIR (``experiment=digits_areir``, zero-shot): R@1 and MAP@R of the E-member ensemble, of one member trained
-  alone for the same epochs (E=1, same M), of a plain classifier (E=1, M=C), and of ``digits_baseline``.
+
+AREIR's claim has its own bench with equal-budget controls, learning-rate grids and sweeps:
+``bench/areir_claim.py``.
 """
 
 from __future__ import annotations
@@ -73,29 +74,9 @@ def irgen_rows(seeds: list[int], tmp: Path, extra: list[str]) -> None:
         print(f"{name}: {summary(values)}")
 
 
-def areir_rows(seeds: list[int], tmp: Path, extra: list[str]) -> None:
-    variants = {
-        "AREIR ensemble": ["experiment=digits_areir"],
-        "one member (E=1)": ["experiment=digits_areir", "model.members=1", "model.assignment=random"],
-        "plain classifier": ["experiment=digits_areir", "model.members=1", "model.meta_classes=40"],
-        "baseline": ["experiment=digits_baseline"],
-    }
-    rows: dict[str, dict[str, list[float]]] = {name: {"R@1": [], "MAP@R": []} for name in variants}
-    for seed in seeds:
-        for name, overrides in variants.items():
-            m = run_preset([*overrides, f"seed={seed}", *extra], tmp / f"{name.split()[0]}_{len(overrides)}_s{seed}")
-            for c in rows[name]:
-                rows[name][c].append(m[f"test/{c}"])
-    print(f"\nAREIR, digits_areir (zero-shot), test, seeds {seeds}")
-    print(f"{'row':<22}{'R@1':>16}{'MAP@R':>16}")
-    for name, values in rows.items():
-        print(f"{name:<22}{summary(values['R@1']):>16}{summary(values['MAP@R']):>16}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--only", choices=["irgen", "areir"], default=None)
     parser.add_argument("--overrides", nargs="*", default=[], help="extra config overrides for every run")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -103,10 +84,7 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     print(f"load average at start {os.getloadavg()[0]:.1f} ({os.cpu_count()} cores)")
     with tempfile.TemporaryDirectory() as tmp:
-        if args.only in (None, "irgen"):
-            irgen_rows(args.seeds, Path(tmp), args.overrides)
-        if args.only in (None, "areir"):
-            areir_rows(args.seeds, Path(tmp), args.overrides)
+        irgen_rows(args.seeds, Path(tmp), args.overrides)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
 
 
