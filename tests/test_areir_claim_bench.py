@@ -101,6 +101,9 @@ def test_verdict_needs_every_control_beaten_by_more_than_one_std(claim):
     results["d-norm"] = {"test": [0.7] * 3}
     plain, norm = claim.verdict(results, args)
     assert "the claim holds" in plain and "does not hold" in norm and "(a-norm)" in norm
+    # one control within (a)'s std settles it before the others have run; all beaten does not
+    del results["b-norm"]
+    assert "does not hold" in claim.verdict(results, args)[1] and "(b-norm) not run" in claim.verdict(results, args)[1]
     del results["d"]
     assert claim.verdict(results, args)[0].startswith("No verdict")
     assert claim.verdict(results, bench_args(seeds=[1]))[0].startswith("No verdict")
