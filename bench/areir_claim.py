@@ -340,7 +340,7 @@ def verdict(results: dict[str, dict], args) -> list[str]:
     if len(args.seeds) < 2:
         return ["No verdict: one seed has no standard deviation (the claim is judged over 3 seeds)."]
     lines = []
-    for suffix, loss in (("", "the plain softmax loss"), ("-norm", "the 2018 code's normalised loss")):
+    for suffix, loss in (("", "raw cross-entropy (the reference's loss)"), ("-norm", "the 2018 code's normalised loss")):
         a, *controls = [f"{k}{suffix}" for k in "abcd"]
         done = [k for k in controls if k in results and len(results[k]["test"]) == len(args.seeds)]
         if a not in results or len(results[a]["test"]) < len(args.seeds) or not done:
@@ -364,8 +364,8 @@ def verdict(results: dict[str, dict], args) -> list[str]:
 def write_table(results: dict[str, dict], table: dict[str, list[str]], keys: list[str], args) -> None:
     lines = ["# AREIR's claim on the digit pairs (bench/areir_claim.py)", "",
              f"Command: `python bench/areir_claim.py {' '.join(sys.argv[1:])}`; seeds {args.seeds}, learning rate "
-             f"chosen on validation R@1 (mean over seeds {args.select_seeds}) from {args.lrs} (one step further "
-             "where the best was at an edge), "
+             f"chosen on validation R@1 (mean over seeds {args.select_seeds}) from {args.lrs} (x2 or /2 further, "
+             f"at most {MAX_EXTENSIONS} steps, while the best was at an edge), "
              f"weight decay {args.weight_decay} (every row). "
              "Wall time per run, with how many ran at once and their threads."
              + (" SMOKE RUN (debug=fast): the numbers measure nothing." if args.smoke else "")]
