@@ -340,7 +340,8 @@ def verdict(results: dict[str, dict], args) -> list[str]:
     if len(args.seeds) < 2:
         return ["No verdict: one seed has no standard deviation (the claim is judged over 3 seeds)."]
     lines = []
-    for suffix, loss in (("", "raw cross-entropy (the reference's loss)"), ("-norm", "the 2018 code's normalised loss")):
+    losses = (("", "raw cross-entropy (the reference's loss)"), ("-norm", "the 2018 code's normalised loss"))
+    for suffix, loss in losses:
         a, *controls = [f"{k}{suffix}" for k in "abcd"]
         done = [k for k in controls if k in results and len(results[k]["test"]) == len(args.seeds)]
         if a not in results or len(results[a]["test"]) < len(args.seeds) or not done:
