@@ -1,7 +1,7 @@
 """A fair test of AREIR's claim on the digit pairs: an ensemble of E members over random meta-classes against
 its controls at equal member parameters and equal optimizer steps (issue #24).
 
-    python bench/areir_claim.py --jobs 2                 # every row and sweep, seeds 1 2 3 (~2.5 h on 2 cores)
+    python bench/areir_claim.py --jobs 2 --select-seeds 1 2 3   # every row and sweep, 3 seeds (132 runs, ~4 h)
     python bench/areir_claim.py --rows a b c d e --seeds 1 --lrs 1e-3
     python bench/areir_claim.py --table-only             # the table from the runs already finished
     python bench/areir_claim.py --smoke                  # every run as debug=fast: checks the script itself
